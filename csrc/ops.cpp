@@ -1,0 +1,67 @@
+// Operator schemas of the pyprune library: the one TORCH_LIBRARY block.
+// Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and
+// csrc/cuda; Python adds fake kernels and autograd in pyprune_ext/ops.py.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
+#include <string>
+#include <tuple>
+
+// Stringifies a macro argument that may contain commas (the arch list).
+#define PYPRUNE_STRINGIFY_(...) #__VA_ARGS__
+#define PYPRUNE_STRINGIFY(...) PYPRUNE_STRINGIFY_(__VA_ARGS__)
+
+namespace pyprune {
+namespace {
+
+// What this binary was compiled with: (cuda, cuda arch list, torch version
+// built against, openmp). The arch list is written with commas by the build.
+std::tuple<bool, std::string, std::string, bool> build_info() {
+#ifdef PYPRUNE_WITH_CUDA
+  const bool cuda = true;
+#ifdef PYPRUNE_CUDA_ARCHS
+  std::string archs = PYPRUNE_STRINGIFY(PYPRUNE_CUDA_ARCHS);
+#else
+  std::string archs = "unknown";
+#endif
+#else
+  const bool cuda = false;
+  std::string archs;
+#endif
+#ifdef _OPENMP
+  const bool openmp = true;
+#else
+  const bool openmp = false;
+#endif
+  const std::string torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                                    std::to_string(TORCH_VERSION_MINOR) + "." +
+                                    std::to_string(TORCH_VERSION_PATCH);
+  return {cuda, archs, torch_version, openmp};
+}
+
+}  // namespace
+}  // namespace pyprune
+
+TORCH_LIBRARY(pyprune, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def(
+      "taylor_channel_stats(Tensor a, Tensor g, int channel_dim=1) "
+      "-> (Tensor first, Tensor second)",
+      tags);
+  m.def(
+      "taylor_channel_stats_(Tensor a, Tensor g, Tensor(a!) first, "
+      "Tensor(b!) second, int channel_dim=1) -> ()",
+      tags);
+  m.def("taylor_weight_stats(Tensor w, Tensor g_w) -> (Tensor first, Tensor second)",
+        tags);
+  m.def(
+      "_build_info() -> (bool cuda, str cuda_arch_list, str torch_version, "
+      "bool openmp)",
+      &pyprune::build_info);
+}

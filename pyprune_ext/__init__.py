@@ -1,0 +1,69 @@
+"""pyprune_ext: Taylor-importance channel pruning and lottery tickets on custom
+PyTorch ops (torch.ops.pyprune.*), CPU and CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+__version__ = "0.1.0"
+
+
+def _base_version(version: str) -> str:
+    """'2.14.1+cu130' -> '2.14.1'."""
+    return version.split("+")[0]
+
+
+def _load_extension() -> None:
+    """Imports the compiled ops, explaining a torch mismatch instead of a bare
+    undefined-symbol error."""
+    try:
+        from . import _build_config
+        built_with = _build_config.TORCH_VERSION
+    except ImportError:
+        built_with = None
+    rebuild = "rebuild it with: pip install --no-build-isolation -e ."
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.pyprune.*)
+    except ImportError as err:
+        if built_with and _base_version(built_with) != _base_version(torch.__version__):
+            raise ImportError(
+                f"pyprune_ext was built against torch {built_with} but torch "
+                f"{torch.__version__} is installed; {rebuild}") from err
+        raise ImportError(f"pyprune_ext's compiled ops could not be loaded ({err}); {rebuild}") from err
+    compiled = torch.ops.pyprune._build_info()[2]
+    if compiled != _base_version(torch.__version__):
+        raise ImportError(
+            f"pyprune_ext was built against torch {compiled} but torch "
+            f"{torch.__version__} is installed; {rebuild}")
+
+
+_load_extension()
+
+from . import ops  # noqa: E402
+from .ops import taylor_channel_stats, taylor_channel_stats_, taylor_weight_stats  # noqa: E402
+
+
+def build_info() -> dict:
+    """What the compiled extension contains.
+
+    Returns a dict with: ``cuda`` (CUDA kernels compiled), ``cuda_arch_list``
+    (architectures they were compiled for, e.g. ``"8.0;9.0"``), ``torch_version``
+    (the torch the extension was built against) and ``openmp`` (CPU kernels
+    multi-threaded through OpenMP).
+    """
+    cuda, archs, torch_version, openmp = torch.ops.pyprune._build_info()
+    return {
+        "cuda": bool(cuda),
+        "cuda_arch_list": archs.replace(",", ";"),
+        "torch_version": torch_version,
+        "openmp": bool(openmp),
+    }
+
+
+__all__ = [
+    "build_info",
+    "ops",
+    "taylor_channel_stats",
+    "taylor_channel_stats_",
+    "taylor_weight_stats",
+]
