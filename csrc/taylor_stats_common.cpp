@@ -132,7 +132,7 @@ TaylorStatsPlan plan_channel_stats(const at::Tensor& a_in,
     plan.order = WalkOrder::Planar;  // runs of one element
   } else {
     // Neither the channels nor the reduced dims are contiguous (e.g. a
-    // channel-sliced view with inner stride > 1): one copy to NC... layout.
+    // channel-sliced view with inner stride > 1): one copy to a standard layout.
     plan.a = plan.a.contiguous();
     plan.g = plan.g.contiguous();
     merge_inner_dims(plan.a, cd, inner, stride_inner);
