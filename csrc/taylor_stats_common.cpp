@@ -115,30 +115,26 @@ TaylorStatsPlan plan_channel_stats(const at::Tensor& a_in,
   plan.g = g_in;
   align_layouts(plan.a, plan.g);
 
-  int64_t inner = 1, stride_inner = 1;
-  if (!merge_inner_dims(plan.a, cd, inner, stride_inner)) {
-    plan.a = plan.a.contiguous();
-    plan.g = plan.g.contiguous();
-    merge_inner_dims(plan.a, cd, inner, stride_inner);
-  }
-  plan.view = describe(plan.a, cd, inner, stride_inner);
-
+  int64_t channel = cd, inner = 1, stride_inner = 1;
+  bool merged = merge_inner_dims(plan.a, channel, inner, stride_inner);
+  plan.view = describe(plan.a, channel, inner, stride_inner);
   const ChannelView& v = plan.view;
-  if (v.stride_inner == 1 && v.inner > 1) {
+  if (merged && v.stride_inner == 1 && v.inner > 1) {
     plan.order = WalkOrder::Planar;
-  } else if (v.stride_channel == 1) {
+  } else if (merged && v.stride_channel == 1) {
     plan.order = WalkOrder::Interleaved;
-  } else if (v.inner == 1) {
+  } else if (merged && v.inner == 1) {
     plan.order = WalkOrder::Planar;  // runs of one element
   } else {
-    // Neither the channels nor the reduced dims are contiguous (e.g. a
-    // channel-sliced view with inner stride > 1): one copy to a standard layout.
-    plan.a = plan.a.contiguous();
-    plan.g = plan.g.contiguous();
-    merge_inner_dims(plan.a, cd, inner, stride_inner);
-    plan.view = describe(plan.a, cd, inner, stride_inner);
-    plan.order = plan.view.stride_inner == 1 ? WalkOrder::Planar
-                                              : WalkOrder::Interleaved;
+    // Neither the channels nor the reduced dims are contiguous, or the reduced
+    // dims cannot be merged (channel dim between them): one copy to
+    // [N, C, rest] order, after which every (n, c) is one contiguous run.
+    plan.a = plan.a.movedim(cd, 1).contiguous();
+    plan.g = plan.g.movedim(cd, 1).contiguous();
+    channel = 1;
+    merge_inner_dims(plan.a, channel, inner, stride_inner);
+    plan.view = describe(plan.a, channel, inner, stride_inner);
+    plan.order = WalkOrder::Planar;
   }
   return plan;
 }

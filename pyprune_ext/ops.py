@@ -7,6 +7,8 @@ below, and differentiable where that has a meaning.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -148,7 +150,7 @@ def _channel_stats_backward(ctx, grad_first, grad_second):
     grad_second = _zeros_if_none(grad_second, first_like)
     a_c = a.movedim(ctx.channel_dim, 1).to(first_like.dtype)
     g_c = g.movedim(ctx.channel_dim, 1).to(first_like.dtype)
-    per_example = (a_c * g_c).flatten(2).sum(-1)  # s[n, c]
+    per_example = (a_c * g_c).reshape(a_c.shape[0], a_c.shape[1], math.prod(a_c.shape[2:])).sum(-1)  # s[n, c]
     coef = grad_first + 2 * grad_second * per_example  # (N, C)
     coef = coef.reshape(coef.shape + (1,) * (a_c.dim() - 2))
     grad_a = (coef * g_c).movedim(1, ctx.channel_dim).to(a.dtype)
