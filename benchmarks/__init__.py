@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks: `python -m benchmarks.<name>`; each prints a table."""
