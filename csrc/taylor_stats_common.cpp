@@ -7,10 +7,21 @@
 #include <ATen/WrapDimUtils.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 namespace pyprune {
 namespace {
+
+// "[2, 3, 4]". Written out by hand: streaming an IntArrayRef into an error
+// message crashed (segfault) with torch 2.11's headers.
+std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    out += (d ? ", " : "") + std::to_string(t.size(d));
+  }
+  return out + "]";
+}
 
 void check_floating_strided(const at::Tensor& t, const char* op,
                             const char* name) {
@@ -28,8 +39,8 @@ void check_pair(const at::Tensor& a, const at::Tensor& g, const char* op,
   check_floating_strided(a, op, a_name);
   check_floating_strided(g, op, g_name);
   TORCH_CHECK(a.sizes() == g.sizes(), op, ": ", a_name, " and ", g_name,
-              " must have the same shape, got ", a.sizes(), " and ",
-              g.sizes());
+              " must have the same shape, got ", shape_str(a), " and ",
+              shape_str(g));
   TORCH_CHECK(a.scalar_type() == g.scalar_type(), op, ": ", a_name, " and ",
               g_name, " must have the same dtype, got ", a.scalar_type(),
               " and ", g.scalar_type());
@@ -101,7 +112,7 @@ TaylorStatsPlan plan_channel_stats(const at::Tensor& a_in,
   TORCH_CHECK(a_in.dim() >= 2, op,
               ": a must have a batch dim and a channel dim (at least 2 dims), "
               "got shape ",
-              a_in.sizes());
+              shape_str(a_in));
   TORCH_CHECK(channel_dim >= -a_in.dim() && channel_dim < a_in.dim(), op,
               ": channel_dim=", channel_dim, " is out of range for a ",
               a_in.dim(), "-d input");
@@ -172,18 +183,24 @@ TaylorStatsPlan plan_weight_stats(const at::Tensor& w, const at::Tensor& g_w) {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> zero_stats(const TaylorStatsPlan& plan) {
+std::tuple<at::Tensor, at::Tensor> new_stats(const TaylorStatsPlan& plan) {
   auto options = plan.a.options().dtype(stats_dtype(plan.a.scalar_type()));
-  return {at::zeros({plan.view.channels}, options),
-          at::zeros({plan.view.channels}, options)};
+  return {at::empty({plan.view.channels}, options),
+          at::empty({plan.view.channels}, options)};
 }
 
 void run(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second,
-         AccumulateFn accumulate) {
-  if (plan.view.batch == 0 || plan.view.channels == 0 || plan.view.inner == 0) {
-    return;  // nothing to add: the statistics of an empty batch are zero
+         bool overwrite, AccumulateFn accumulate) {
+  const ChannelView& v = plan.view;
+  if (v.batch == 0 || v.channels == 0 || v.inner == 0) {
+    // Nothing to add: the statistics of an empty batch are zero.
+    if (overwrite) {
+      first.zero_();
+      second.zero_();
+    }
+    return;
   }
-  accumulate(plan, first, second);
+  accumulate(plan, first, second, overwrite);
 }
 
 void check_accumulator(const at::Tensor& buf, const char* name,
@@ -194,7 +211,7 @@ void check_accumulator(const at::Tensor& buf, const char* name,
               " must be a dense tensor, got layout ", buf.layout());
   TORCH_CHECK(buf.dim() == 1 && buf.size(0) == plan.view.channels, op, ": ",
               name, " must have shape [", plan.view.channels,
-              "] (one entry per channel), got ", buf.sizes());
+              "] (one entry per channel), got ", shape_str(buf));
   TORCH_CHECK(buf.scalar_type() == want, op, ": ", name, " must be ", want,
               " for ", plan.a.scalar_type(), " inputs, got ",
               buf.scalar_type());
@@ -210,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& a,
                                                  int64_t channel_dim,
                                                  AccumulateFn accumulate) {
   auto plan = plan_channel_stats(a, g, channel_dim, "taylor_channel_stats");
-  auto [first, second] = zero_stats(plan);
-  run(plan, first, second, accumulate);
+  auto [first, second] = new_stats(plan);
+  run(plan, first, second, /*overwrite=*/true, accumulate);
   return {first, second};
 }
 
@@ -225,12 +242,12 @@ void channel_stats_(const at::Tensor& a, const at::Tensor& g,
               "taylor_channel_stats_: first and second must be different "
               "buffers");
   if (first.is_contiguous() && second.is_contiguous()) {
-    run(plan, first, second, accumulate);
+    run(plan, first, second, /*overwrite=*/false, accumulate);
     return;
   }
   // Strided accumulators: add through contiguous temporaries.
-  auto [f, s] = zero_stats(plan);
-  run(plan, f, s, accumulate);
+  auto [f, s] = new_stats(plan);
+  run(plan, f, s, /*overwrite=*/true, accumulate);
   first.add_(f);
   second.add_(s);
 }
@@ -239,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor> weight_stats(const at::Tensor& w,
                                                 const at::Tensor& g_w,
                                                 AccumulateFn accumulate) {
   auto plan = plan_weight_stats(w, g_w);
-  auto [first, second] = zero_stats(plan);
-  run(plan, first, second, accumulate);
+  auto [first, second] = new_stats(plan);
+  run(plan, first, second, /*overwrite=*/true, accumulate);
   return {first, second};
 }
 

@@ -167,7 +167,7 @@ void interleaved_tile(const TaylorStatsPlan& plan, int64_t n0, int64_t n1,
 
 template <typename scalar_t>
 void accumulate_typed(const TaylorStatsPlan& plan, at::Tensor& first,
-                      at::Tensor& second) {
+                      at::Tensor& second, bool overwrite) {
   using acc_t = acc_type_t<scalar_t>;
   const ChannelView& v = plan.view;
   const bool interleaved = plan.order == WalkOrder::Interleaved;
@@ -202,16 +202,16 @@ void accumulate_typed(const TaylorStatsPlan& plan, at::Tensor& first,
       f += partial[k * 2 * v.channels + c];
       q += partial[k * 2 * v.channels + v.channels + c];
     }
-    out_first[c] += f;
-    out_second[c] += q;
+    out_first[c] = overwrite ? f : out_first[c] + f;
+    out_second[c] = overwrite ? q : out_second[c] + q;
   }
 }
 
 void accumulate_cpu(const TaylorStatsPlan& plan, at::Tensor& first,
-                    at::Tensor& second) {
+                    at::Tensor& second, bool overwrite) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.a.scalar_type(),
                                   "taylor_stats_cpu", [&] {
-                                    accumulate_typed<scalar_t>(plan, first, second);
+                                    accumulate_typed<scalar_t>(plan, first, second, overwrite);
                                   });
 }
 

@@ -41,6 +41,8 @@ constexpr int kWideVec = 16 / sizeof(scalar_t);
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kUnroll = 4;
+// Enough blocks to fill a large GPU several times over (132 SMs on an H100).
+constexpr int64_t kMinBlocks = 2048;
 
 // Partial sums of stage 1, indexed by (example n, channel c, segment k).
 struct PartialIndex {
@@ -174,7 +176,7 @@ interleaved_partials(const scalar_t* __restrict__ a, const scalar_t* __restrict_
 template <typename acc_t, bool kSquares>
 __global__ void __launch_bounds__(kThreads)
 finish_channels(const acc_t* __restrict__ partial, const acc_t* __restrict__ partial_sq,
-                PartialIndex index, int64_t batch, int64_t num_segments,
+                PartialIndex index, int64_t batch, int64_t num_segments, bool overwrite,
                 acc_t* __restrict__ first, acc_t* __restrict__ second) {
   using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
@@ -197,8 +199,8 @@ finish_channels(const acc_t* __restrict__ partial, const acc_t* __restrict__ par
   __syncthreads();
   q = BlockReduce(storage).Sum(q);
   if (threadIdx.x == 0) {
-    first[c] += f;
-    second[c] += q;
+    first[c] = overwrite ? f : first[c] + f;
+    second[c] = overwrite ? q : second[c] + q;
   }
 }
 
@@ -211,7 +213,8 @@ int blocks_for(int64_t warps_needed) {
 }
 
 template <typename scalar_t, int VEC>
-void launch_planar(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second) {
+void launch_planar(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second,
+                      bool overwrite) {
   using acc_t = acc_type_t<scalar_t>;
   const ChannelView& v = plan.view;
   // About 4K elements per warp: enough loads in flight per warp, and enough
@@ -242,17 +245,18 @@ void launch_planar(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& s
   if (plan.square_elements) {
     finish_channels<acc_t, true><<<v.channels, kThreads, 0, stream>>>(
         partial.data_ptr<acc_t>(), partial_sq.data_ptr<acc_t>(), index, v.batch,
-        num_segments, first.data_ptr<acc_t>(), second.data_ptr<acc_t>());
+        num_segments, overwrite, first.data_ptr<acc_t>(), second.data_ptr<acc_t>());
   } else {
     finish_channels<acc_t, false><<<v.channels, kThreads, 0, stream>>>(
-        partial.data_ptr<acc_t>(), nullptr, index, v.batch, num_segments,
+        partial.data_ptr<acc_t>(), nullptr, index, v.batch, num_segments, overwrite,
         first.data_ptr<acc_t>(), second.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int VEC>
-void launch_interleaved(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second) {
+void launch_interleaved(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second,
+                      bool overwrite) {
   using acc_t = acc_type_t<scalar_t>;
   const ChannelView& v = plan.view;
   const int64_t channel_vectors = (v.channels + VEC - 1) / VEC;
@@ -260,8 +264,14 @@ void launch_interleaved(const TaylorStatsPlan& plan, at::Tensor& first, at::Tens
   while (bx < 32 && bx < channel_vectors) bx *= 2;
   const int by = kThreads / bx;
   const int64_t channel_tiles = (channel_vectors + bx - 1) / bx;
-  const int64_t rows_per_segment = int64_t(by) * 16;  // ~16 rows per thread
-  const int64_t num_segments = (v.inner + rows_per_segment - 1) / rows_per_segment;
+  // Up to 16 rows per thread, fewer when that would leave the GPU with too few
+  // blocks (kMinBlocks depends on nothing but the shape: same grid, same sums).
+  const int64_t max_segments = (v.inner + by - 1) / by;  // one row per thread
+  const int64_t wanted = (kMinBlocks + v.batch * channel_tiles - 1) / (v.batch * channel_tiles);
+  const int64_t num_segments = std::clamp<int64_t>(
+      std::max<int64_t>(wanted, (v.inner + int64_t(by) * 16 - 1) / (int64_t(by) * 16)), 1,
+      std::max<int64_t>(max_segments, 1));
+  const int64_t rows_per_segment = (v.inner + num_segments - 1) / num_segments;
   const int64_t blocks = v.batch * num_segments * channel_tiles;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "taylor_channel_stats: input too large for one launch");
 
@@ -274,7 +284,7 @@ void launch_interleaved(const TaylorStatsPlan& plan, at::Tensor& first, at::Tens
 
   const PartialIndex index{num_segments * v.channels, 1, v.channels};
   finish_channels<acc_t, false><<<v.channels, kThreads, 0, stream>>>(
-      partial.data_ptr<acc_t>(), nullptr, index, v.batch, num_segments,
+      partial.data_ptr<acc_t>(), nullptr, index, v.batch, num_segments, overwrite,
       first.data_ptr<acc_t>(), second.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -296,23 +306,25 @@ bool can_vectorize(const TaylorStatsPlan& plan) {
 }
 
 template <typename scalar_t>
-void accumulate_typed(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second) {
+void accumulate_typed(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second,
+                      bool overwrite) {
   constexpr int VEC = kWideVec<scalar_t>;
   const bool wide = can_vectorize<scalar_t>(plan);
   if (plan.order == WalkOrder::Planar) {
-    wide ? launch_planar<scalar_t, VEC>(plan, first, second)
-         : launch_planar<scalar_t, 1>(plan, first, second);
+    wide ? launch_planar<scalar_t, VEC>(plan, first, second, overwrite)
+         : launch_planar<scalar_t, 1>(plan, first, second, overwrite);
   } else {
-    wide ? launch_interleaved<scalar_t, VEC>(plan, first, second)
-         : launch_interleaved<scalar_t, 1>(plan, first, second);
+    wide ? launch_interleaved<scalar_t, VEC>(plan, first, second, overwrite)
+         : launch_interleaved<scalar_t, 1>(plan, first, second, overwrite);
   }
 }
 
-void accumulate_cuda(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second) {
+void accumulate_cuda(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& second,
+                     bool overwrite) {
   const c10::cuda::CUDAGuard guard(plan.a.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.a.scalar_type(),
                                   "taylor_stats_cuda",
-                                  [&] { accumulate_typed<scalar_t>(plan, first, second); });
+                                  [&] { accumulate_typed<scalar_t>(plan, first, second, overwrite); });
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& a, const at::Tensor& g,

@@ -43,10 +43,12 @@ struct TaylorStatsPlan {
   bool square_elements = false;
 };
 
-// Backend kernel: adds this call's statistics into first/second, which are
-// contiguous 1-d tensors of the accumulation dtype with view.channels entries.
+// Backend kernel: adds this call's statistics into first/second (or, with
+// overwrite, stores them there: saves zero-filling fresh outputs). first and
+// second are contiguous 1-d tensors of the accumulation dtype with
+// view.channels entries; the plan is never empty.
 using AccumulateFn = void (*)(const TaylorStatsPlan& plan, at::Tensor& first,
-                              at::Tensor& second);
+                              at::Tensor& second, bool overwrite);
 
 // float32 for float32/float16/bfloat16 inputs, float64 for float64.
 at::ScalarType stats_dtype(at::ScalarType input);
