@@ -7,21 +7,11 @@
 #include <ATen/WrapDimUtils.h>
 
 #include <algorithm>
-#include <string>
 #include <vector>
 
 namespace pyprune {
 namespace {
 
-// "[2, 3, 4]". Written out by hand: streaming an IntArrayRef into an error
-// message crashed (segfault) with torch 2.11's headers.
-std::string shape_str(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    out += (d ? ", " : "") + std::to_string(t.size(d));
-  }
-  return out + "]";
-}
 
 void check_floating_strided(const at::Tensor& t, const char* op,
                             const char* name) {
@@ -39,8 +29,8 @@ void check_pair(const at::Tensor& a, const at::Tensor& g, const char* op,
   check_floating_strided(a, op, a_name);
   check_floating_strided(g, op, g_name);
   TORCH_CHECK(a.sizes() == g.sizes(), op, ": ", a_name, " and ", g_name,
-              " must have the same shape, got ", shape_str(a), " and ",
-              shape_str(g));
+              " must have the same shape, got ", a.sizes(), " and ",
+              g.sizes());
   TORCH_CHECK(a.scalar_type() == g.scalar_type(), op, ": ", a_name, " and ",
               g_name, " must have the same dtype, got ", a.scalar_type(),
               " and ", g.scalar_type());
@@ -112,7 +102,7 @@ TaylorStatsPlan plan_channel_stats(const at::Tensor& a_in,
   TORCH_CHECK(a_in.dim() >= 2, op,
               ": a must have a batch dim and a channel dim (at least 2 dims), "
               "got shape ",
-              shape_str(a_in));
+              a_in.sizes());
   TORCH_CHECK(channel_dim >= -a_in.dim() && channel_dim < a_in.dim(), op,
               ": channel_dim=", channel_dim, " is out of range for a ",
               a_in.dim(), "-d input");
@@ -211,7 +201,7 @@ void check_accumulator(const at::Tensor& buf, const char* name,
               " must be a dense tensor, got layout ", buf.layout());
   TORCH_CHECK(buf.dim() == 1 && buf.size(0) == plan.view.channels, op, ": ",
               name, " must have shape [", plan.view.channels,
-              "] (one entry per channel), got ", shape_str(buf));
+              "] (one entry per channel), got ", buf.sizes());
   TORCH_CHECK(buf.scalar_type() == want, op, ": ", name, " must be ", want,
               " for ", plan.a.scalar_type(), " inputs, got ",
               buf.scalar_type());
