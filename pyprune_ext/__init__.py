@@ -13,28 +13,31 @@ def _base_version(version: str) -> str:
     return version.split("+")[0]
 
 
+_REBUILD = "rebuild it with: pip install --no-build-isolation -e ."
+
+
+def _check_torch_version(built_with: str | None, running: str) -> None:
+    """Raises ImportError when the extension was compiled against another torch."""
+    if built_with and _base_version(built_with) != _base_version(running):
+        raise ImportError(
+            f"pyprune_ext was built against torch {built_with} but torch {running} "
+            f"is installed; {_REBUILD}")
+
+
 def _load_extension() -> None:
     """Imports the compiled ops, explaining a torch mismatch instead of a bare
     undefined-symbol error."""
     try:
-        from . import _build_config
-        built_with = _build_config.TORCH_VERSION
+        from ._build_config import TORCH_VERSION as recorded
     except ImportError:
-        built_with = None
-    rebuild = "rebuild it with: pip install --no-build-isolation -e ."
+        recorded = None
     try:
         from . import _C  # noqa: F401  (registers torch.ops.pyprune.*)
     except ImportError as err:
-        if built_with and _base_version(built_with) != _base_version(torch.__version__):
-            raise ImportError(
-                f"pyprune_ext was built against torch {built_with} but torch "
-                f"{torch.__version__} is installed; {rebuild}") from err
-        raise ImportError(f"pyprune_ext's compiled ops could not be loaded ({err}); {rebuild}") from err
-    compiled = torch.ops.pyprune._build_info()[2]
-    if compiled != _base_version(torch.__version__):
-        raise ImportError(
-            f"pyprune_ext was built against torch {compiled} but torch "
-            f"{torch.__version__} is installed; {rebuild}")
+        _check_torch_version(recorded, torch.__version__)
+        raise ImportError(f"pyprune_ext's compiled ops could not be loaded ({err}); {_REBUILD}") from err
+    # The version the C++ code was compiled against, from torch's own headers.
+    _check_torch_version(torch.ops.pyprune._build_info()[2], torch.__version__)
 
 
 _load_extension()

@@ -150,3 +150,12 @@ def test_build_info():
         assert info["cuda_arch_list"] and all(arch[0].isdigit() for arch in info["cuda_arch_list"].split(";"))
     else:
         assert info["cuda_arch_list"] == ""
+
+
+def test_torch_version_mismatch_is_explained():
+    from pyprune_ext import _check_torch_version
+
+    _check_torch_version("2.14.1", "2.14.1+cu130")  # local version suffixes do not matter
+    _check_torch_version(None, "2.14.1")  # unknown build version: nothing to compare
+    with pytest.raises(ImportError, match=r"built against torch 2\.11\.0 but torch 2\.14\.1 is installed.*no-build-isolation"):
+        _check_torch_version("2.11.0", "2.14.1")
