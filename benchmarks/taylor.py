@@ -6,7 +6,7 @@ of the same function, and a bandwidth reference measured in the same run.
 Every method computes s = sum over the reduced dims of a*g, then
 first = sum_n s and second = sum_n s^2, from the same inputs. Bytes are those
 the op must read (a and g once); GB/s = bytes / median time. The reference is
-torch.dot over the two flattened tensors (reads both once) on the CPU and a
+torch.dot over the two flattened tensors (reads both once; float32 over the same bytes) on the CPU and a
 device-to-device copy (read + write) on CUDA.
 """
 
@@ -59,12 +59,14 @@ def make_inputs(shape, layout, dtype, device):
 
 
 def bandwidth_reference(a, g, device):
-    """(name, GB/s) of the memory-bound peer measured on the same tensors."""
+    """(name, GB/s) of the memory-bound peer measured on the same bytes."""
     if device == "cuda":
         out = torch.empty_like(a)
         t = median_seconds(lambda: out.copy_(a), device)
         return "copy", 2 * a.nbytes / t / 1e9
-    a_flat, g_flat = a.contiguous().view(-1), g.contiguous().view(-1)
+    # float32 dot over the same bytes: a bfloat16 dot on the CPU is compute-bound.
+    a_flat = a.contiguous().view(-1).view(torch.float32)
+    g_flat = g.contiguous().view(-1).view(torch.float32)
     t = median_seconds(lambda: torch.dot(a_flat, g_flat), device)
     return "dot", 2 * a.nbytes / t / 1e9
 
