@@ -60,6 +60,33 @@ TORCH_LIBRARY(pyprune, m) {
       tags);
   m.def("taylor_weight_stats(Tensor w, Tensor g_w) -> (Tensor first, Tensor second)",
         tags);
+
+  // Masked and sparse GEMM / convolution for lottery-ticket training.
+  // mask is a bool tensor of weight's shape; pruned weights count as zero.
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor",
+        tags);
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None, "
+      "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
+      tags);
+  // The index structure of a 2-d mask in CSR (row_ptr, col_idx) and CSC
+  // (col_ptr, row_idx) form, int64; built once per mask change.
+  m.def("mask_pack(Tensor mask) -> (Tensor row_ptr, Tensor col_idx, Tensor col_ptr, Tensor row_idx)",
+        tags);
+  // y = x @ (weight * mask)^T + bias from the packed mask: only unpruned
+  // weights are read (gathered from the dense weight on every call).
+  m.def(
+      "sparse_masked_linear(Tensor x, Tensor weight, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor row_idx, Tensor? bias=None) -> Tensor",
+      tags);
+  m.def(
+      "sparse_masked_linear_grad_input(Tensor grad_y, Tensor weight, Tensor col_ptr, "
+      "Tensor row_idx) -> Tensor",
+      tags);
+  m.def(
+      "sparse_masked_linear_grad_weight(Tensor grad_y, Tensor x, Tensor weight, "
+      "Tensor row_ptr, Tensor col_idx) -> Tensor",
+      tags);
   m.def(
       "_build_info() -> (bool cuda, str cuda_arch_list, str torch_version, "
       "bool openmp)",

@@ -43,7 +43,8 @@ def _load_extension() -> None:
 _load_extension()
 
 from . import ops  # noqa: E402
-from .ops import taylor_channel_stats, taylor_channel_stats_, taylor_weight_stats  # noqa: E402
+from .ops import (masked_conv2d, masked_linear, mask_pack, sparse_masked_linear,  # noqa: E402
+                  taylor_channel_stats, taylor_channel_stats_, taylor_weight_stats)
 
 
 def build_info() -> dict:
@@ -65,7 +66,11 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info",
+    "mask_pack",
+    "masked_conv2d",
+    "masked_linear",
     "ops",
+    "sparse_masked_linear",
     "taylor_channel_stats",
     "taylor_channel_stats_",
     "taylor_weight_stats",

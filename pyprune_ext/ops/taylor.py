@@ -1,4 +1,4 @@
-"""Typed wrappers, fake (meta) kernels and autograd for torch.ops.pyprune.*.
+"""The Taylor-statistics ops: typed wrappers, fake kernels and autograd.
 
 The kernels live in csrc/ (CPU and CUDA); this module makes them first-class
 PyTorch ops: traceable by torch.compile(fullgraph=True) through the fake kernels

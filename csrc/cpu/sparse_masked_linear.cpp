@@ -1,0 +1,181 @@
+// CPU kernels of the sparse path of masked_linear: only the kept weights are
+// read and multiplied, so the work is O(nnz * batch) instead of O(out * in * batch).
+//
+// Batch-last layout: the kernels work on x^T [in, M] and y^T [out, M] (M = batch
+// rows), so every kept weight scales one contiguous row of M values (a vectorised
+// axpy) and the sampled gradient is a contiguous dot product. Each output row is
+// produced by one thread in index order: deterministic.
+#include <pyprune/masked.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace pyprune {
+namespace {
+
+// out[m] += sum_j w[j] * src[j][m] for four source rows at once (one pass over out).
+template <typename scalar_t>
+inline void axpy4(scalar_t* __restrict out, const scalar_t* w, const scalar_t* __restrict s0,
+                  const scalar_t* __restrict s1, const scalar_t* __restrict s2,
+                  const scalar_t* __restrict s3, int64_t len) {
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t m = 0; m < len; ++m) out[m] += w0 * s0[m] + w1 * s1[m] + w2 * s2[m] + w3 * s3[m];
+}
+
+template <typename scalar_t>
+inline void axpy1(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict src, int64_t len) {
+  for (int64_t m = 0; m < len; ++m) out[m] += w * src[m];
+}
+
+// For every output row r: out[r] = init(r) + sum over p in [ptr[r], ptr[r+1]) of
+// weight_of(r, p) * src[idx[p]], rows of length M.
+template <typename scalar_t, typename WeightOf>
+void gather_axpy_rows(scalar_t* out, int64_t rows, int64_t M, const int64_t* ptr, const int64_t* idx,
+                      const scalar_t* src, const scalar_t* init, WeightOf weight_of) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* o = out + r * M;
+      std::fill(o, o + M, init ? init[r] : scalar_t(0));
+      int64_t p = ptr[r];
+      for (; p + 4 <= ptr[r + 1]; p += 4) {
+        const scalar_t w[4] = {weight_of(r, p), weight_of(r, p + 1), weight_of(r, p + 2),
+                               weight_of(r, p + 3)};
+        axpy4(o, w, src + idx[p] * M, src + idx[p + 1] * M, src + idx[p + 2] * M,
+              src + idx[p + 3] * M, M);
+      }
+      for (; p < ptr[r + 1]; ++p) axpy1(o, weight_of(r, p), src + idx[p] * M, M);
+    }
+  });
+}
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t len) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec acc0(0), acc1(0);
+  int64_t m = 0;
+  for (; m + 2 * Vec::size() <= len; m += 2 * Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + m), Vec::loadu(b + m), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + m + Vec::size()), Vec::loadu(b + m + Vec::size()), acc1);
+  }
+  scalar_t s = at::vec::vec_reduce_all<scalar_t>(std::plus<Vec>(), acc0 + acc1);
+  for (; m < len; ++m) s += a[m] * b[m];
+  return s;
+}
+
+void check_cpu_dtype(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+              ": the CPU sparse path supports float32 and float64, got ", weight.scalar_type());
+}
+
+// x [..., in] -> x^T [in, M], contiguous.
+at::Tensor batch_last(const at::Tensor& x, int64_t features) {
+  return x.reshape({-1, features}).t().contiguous();
+}
+
+at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    const at::Tensor& col_ptr, const at::Tensor& row_idx,
+                                    const std::optional<at::Tensor>& bias) {
+  const char* op = "sparse_masked_linear";
+  check_packed_index(op, weight, row_ptr, col_idx, /*rows_first=*/true);
+  // The CSC half is only used by grad_input, which validates it there.
+  check_packed_shapes(op, weight, col_ptr, row_idx, weight.size(1) + 1, "col_ptr", "row_idx");
+  check_cpu_dtype(op, weight);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_f, op, ": x's last dim must be in_features = ", in_f,
+              ", got x of shape ", x.sizes());
+  TORCH_CHECK(x.device() == weight.device() && x.scalar_type() == weight.scalar_type(), op,
+              ": x must match weight's dtype and device");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f && bias->scalar_type() == weight.scalar_type(),
+                op, ": bias must be [", out_f, "] of weight's dtype, got ", bias->sizes());
+  }
+  const at::Tensor xt = batch_last(x, in_f);
+  const int64_t M = xt.size(1);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor yt = at::empty({out_f, M}, x.options());
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const int64_t* cols = col_idx.const_data_ptr<int64_t>();
+    gather_axpy_rows<scalar_t>(yt.data_ptr<scalar_t>(), out_f, M, row_ptr.const_data_ptr<int64_t>(),
+                               cols, xt.const_data_ptr<scalar_t>(),
+                               b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                               [&](int64_t r, int64_t p) { return wp[r * in_f + cols[p]]; });
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_f;
+  return yt.t().contiguous().view(shape);
+}
+
+at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
+                          const at::Tensor& col_ptr, const at::Tensor& row_idx) {
+  const char* op = "sparse_masked_linear_grad_input";
+  check_packed_index(op, weight, col_ptr, row_idx, /*rows_first=*/false);
+  check_cpu_dtype(op, weight);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out_f, op,
+              ": grad_y's last dim must be out_features = ", out_f);
+  const at::Tensor gyt = batch_last(grad_y.to(weight.scalar_type()), out_f);
+  const int64_t M = gyt.size(1);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor gxt = at::empty({in_f, M}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const int64_t* rows = row_idx.const_data_ptr<int64_t>();
+    gather_axpy_rows<scalar_t>(gxt.data_ptr<scalar_t>(), in_f, M, col_ptr.const_data_ptr<int64_t>(),
+                               rows, gyt.const_data_ptr<scalar_t>(), nullptr,
+                               [&](int64_t k, int64_t p) { return wp[rows[p] * in_f + k]; });
+  });
+  std::vector<int64_t> shape(grad_y.sizes().begin(), grad_y.sizes().end());
+  shape.back() = in_f;
+  return gxt.t().contiguous().view(shape);
+}
+
+at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  const char* op = "sparse_masked_linear_grad_weight";
+  check_packed_index(op, weight, row_ptr, col_idx, /*rows_first=*/true);
+  check_cpu_dtype(op, weight);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1);
+  TORCH_CHECK(grad_y.dim() >= 1 && x.dim() >= 1 && grad_y.size(-1) == out_f && x.size(-1) == in_f, op,
+              ": grad_y and x must end in out_features and in_features");
+  const at::Tensor gyt = batch_last(grad_y.to(weight.scalar_type()), out_f);
+  const at::Tensor xt = batch_last(x.to(weight.scalar_type()), in_f);
+  TORCH_CHECK(gyt.size(1) == xt.size(1), op, ": grad_y and x must have the same number of rows");
+  const int64_t M = xt.size(1);
+  at::Tensor gw = at::zeros({out_f, in_f}, weight.options());  // pruned entries: exactly 0
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
+    const scalar_t* gyp = gyt.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xt.const_data_ptr<scalar_t>();
+    const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+    const int64_t* cols = col_idx.const_data_ptr<int64_t>();
+    scalar_t* gwp = gw.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
+    at::parallel_for(0, out_f, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
+          gwp[r * in_f + cols[p]] = dot(gyp + r * M, xp + cols[p] * M, M);
+        }
+      }
+    });
+  });
+  return gw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
+  m.impl("sparse_masked_linear", &sparse_masked_linear_cpu);
+  m.impl("sparse_masked_linear_grad_input", &grad_input_cpu);
+  m.impl("sparse_masked_linear_grad_weight", &grad_weight_cpu);
+}
+
+}  // namespace pyprune

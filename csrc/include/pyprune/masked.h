@@ -1,0 +1,26 @@
+// Masked / sparse linear and convolution: shared declarations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace pyprune {
+
+// Validates x/weight/mask/bias of a masked layer (shapes, dtypes, devices).
+// in_features is the size x's last dim (linear) or channel dim (conv) must have.
+void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& mask, const std::optional<at::Tensor>& bias);
+
+// Validates one compressed index of a packed mask (see mask_pack) against a
+// weight [out, in]: CSR (row_ptr, col_idx) when rows_first, else CSC (col_ptr,
+// row_idx). Reads the indices (a device sync on CUDA).
+void check_packed_index(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
+                        const at::Tensor& idx, bool rows_first);
+
+// Shape/dtype/device checks of the packed-mask arguments that need no data.
+void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
+                         const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
+                         const char* idx_name);
+
+}  // namespace pyprune

@@ -1,0 +1,130 @@
+// Masked linear / conv2d: argument checks, the dense-masked path, and the
+// packing of a mask into index structures for the sparse path.
+//
+// The dense-masked path is registered as CompositeImplicitAutograd: it is
+// linear/conv2d on weight * mask, so autograd gives grad_weight = (grad_y^T x)
+// * mask with exact zeros at pruned positions, and torch.compile sees (and can
+// fuse) the multiply. It serves every device and dtype torch's own GEMM serves.
+#include <pyprune/masked.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace pyprune {
+
+void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be a floating-point tensor, got ",
+              weight.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == weight.sizes(), op, ": mask must have weight's shape ",
+              weight.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(mask.device() == weight.device(), op, ": mask must be on weight's device (",
+              weight.device(), "), got ", mask.device());
+  TORCH_CHECK(x.device() == weight.device(), op, ": x must be on weight's device (",
+              weight.device(), "), got ", x.device());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x and weight must have the same dtype, got ",
+              x.scalar_type(), " and ", weight.scalar_type());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == weight.device() && bias->scalar_type() == weight.scalar_type(),
+                op, ": bias must match weight's dtype and device");
+  }
+}
+
+void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
+                         const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
+                         const char* idx_name) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-d [out, in], got ", weight.sizes());
+  for (const auto* t : {&ptr, &idx}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1, op, ": ",
+                t == &ptr ? ptr_name : idx_name,
+                " must be a 1-d int64 tensor (from mask_pack), got ", t->scalar_type(), " of shape ",
+                t->sizes());
+    TORCH_CHECK(t->device() == weight.device(), op, ": ", t == &ptr ? ptr_name : idx_name,
+                " must be on weight's device");
+  }
+  TORCH_CHECK(ptr.size(0) == ptr_len, op, ": ", ptr_name, " must have ", ptr_len,
+              " entries for a weight of shape ", weight.sizes(), ", got ", ptr.size(0),
+              " (was the mask packed for another layer?)");
+}
+
+void check_packed_index(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
+                        const at::Tensor& idx, bool rows_first) {
+  const char* ptr_name = rows_first ? "row_ptr" : "col_ptr";
+  const char* idx_name = rows_first ? "col_idx" : "row_idx";
+  const int64_t lines = weight.size(rows_first ? 0 : 1);
+  const int64_t limit = weight.size(rows_first ? 1 : 0);
+  check_packed_shapes(op, weight, ptr, idx, lines + 1, ptr_name, idx_name);
+  // Vectorised whole-tensor checks (a few percent of a sparse product's time):
+  // with them no index can point outside the weight or the index arrays.
+  TORCH_CHECK(ptr[0].item<int64_t>() == 0 && ptr[lines].item<int64_t>() == idx.numel(), op, ": ",
+              ptr_name, " must start at 0 and end at ", idx_name, ".numel() = ", idx.numel());
+  TORCH_CHECK(lines == 0 || (ptr.slice(0, 1) >= ptr.slice(0, 0, lines)).all().item<bool>(), op, ": ",
+              ptr_name, " must be non-decreasing");
+  if (idx.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(idx);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < limit, op, ": ", idx_name,
+                " has entries outside [0, ", limit, ")");
+  }
+}
+
+namespace {
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias) {
+  const char* op = "masked_linear";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-d [out, in], got ", weight.sizes());
+  check_masked_args(op, x, weight, mask, bias);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must be in_features = ",
+              weight.size(1), ", got x of shape ", x.sizes());
+  return at::linear(x, weight * mask, bias);
+}
+
+at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "masked_conv2d";
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-d [out, in/groups, kh, kw], got ",
+              weight.sizes());
+  check_masked_args(op, x, weight, mask, bias);
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": groups=", groups,
+              " must divide out_channels=", weight.size(0));
+  TORCH_CHECK((x.dim() == 3 || x.dim() == 4) && x.size(-3) == weight.size(1) * groups, op,
+              ": x must be [N, C, H, W] or [C, H, W] with C = ", weight.size(1) * groups,
+              " channels, got ", x.sizes());
+  return at::conv2d(x, weight * mask, bias, stride, padding, dilation, groups);
+}
+
+// CSR and CSC index structure of a 2-d bool mask, with ATen ops only, so the
+// same code serves every device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mask_pack(const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2,
+              "mask_pack: mask must be a 2-d bool tensor [out, in], got ", mask.scalar_type(),
+              " of shape ", mask.sizes());
+  auto compress = [](const at::Tensor& m) {
+    // nonzero() lists (row, col) pairs in row-major order: exactly CSR order.
+    const at::Tensor nz = m.nonzero();
+    const at::Tensor counts = m.sum(1, /*keepdim=*/false, at::kLong);
+    const at::Tensor ptr = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
+    return std::make_tuple(ptr, nz.select(1, 1).contiguous());
+  };
+  auto [row_ptr, col_idx] = compress(mask);
+  auto [col_ptr, row_idx] = compress(mask.t());
+  return {row_ptr, col_idx, col_ptr, row_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, CompositeImplicitAutograd, m) {
+  m.impl("masked_linear", &masked_linear);
+  m.impl("masked_conv2d", &masked_conv2d);
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CompositeExplicitAutograd, m) {
+  m.impl("mask_pack", &mask_pack);
+}
+
+}  // namespace pyprune

@@ -1,0 +1,133 @@
+"""Masked and sparse linear / conv2d ops for lottery-ticket training.
+
+Two paths compute the same function, ``y = x @ (weight * mask)^T + bias``:
+
+* dense-masked (``masked_linear``, ``masked_conv2d``): torch's own GEMM /
+  convolution on ``weight * mask``; every device and dtype. Its gradient w.r.t.
+  ``weight`` is ``(grad_y^T x) * mask``: exactly zero at pruned positions.
+* sparse (``sparse_masked_linear``): the mask is packed once (``mask_pack``) into
+  CSR and CSC index arrays; every call reads only the kept weights straight
+  from the dense ``weight`` (so the values always follow the optimizer) and
+  does O(nnz * batch) work. Backward: a transposed sparse product for
+  ``grad_x`` and a sampled dense-dense product for ``grad_weight`` at kept
+  positions only. CPU, float32/float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+class PackedMask(NamedTuple):
+    """Index structure of a 2-d mask [out, in]: CSR (row_ptr, col_idx) and CSC
+    (col_ptr, row_idx), int64, on the mask's device."""
+    row_ptr: Tensor
+    col_idx: Tensor
+    col_ptr: Tensor
+    row_idx: Tensor
+
+    @property
+    def nnz(self) -> int:
+        return self.col_idx.numel()
+
+
+def mask_pack(mask: Tensor) -> PackedMask:
+    """Packs a 2-d bool mask for :func:`sparse_masked_linear`. Do it once per mask
+    change and reuse the result across steps."""
+    return PackedMask(*torch.ops.pyprune.mask_pack.default(mask))
+
+
+def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (weight * mask)^T + bias`` for x of shape (..., in); mask is bool of
+    weight's shape [out, in]. Pruned weights get exactly zero gradient."""
+    return torch.ops.pyprune.masked_linear.default(x, weight, mask, bias)
+
+
+def masked_conv2d(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
+                  stride: Sequence[int] | int = 1, padding: Sequence[int] | int = 0,
+                  dilation: Sequence[int] | int = 1, groups: int = 1) -> Tensor:
+    """``conv2d(x, weight * mask, bias, ...)``, including grouped and depthwise
+    convolution; mask is bool of weight's shape. Pruned weights get exactly zero
+    gradient."""
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return torch.ops.pyprune.masked_conv2d.default(x, weight, mask, bias, pair(stride), pair(padding),
+                                                   pair(dilation), groups)
+
+
+def sparse_masked_linear(x: Tensor, weight: Tensor, packed: PackedMask,
+                         bias: Optional[Tensor] = None) -> Tensor:
+    """Same result as :func:`masked_linear` with the mask given in packed form;
+    reads only the kept weights. CPU, float32/float64."""
+    return torch.ops.pyprune.sparse_masked_linear.default(x, weight, *packed, bias)
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels (the dense-masked ops are composite: they need none).
+
+
+@torch.library.register_fake("pyprune::mask_pack")
+def _mask_pack_fake(mask):
+    torch._check(mask.dtype == torch.bool and mask.dim() == 2,
+                 lambda: f"mask_pack: mask must be a 2-d bool tensor [out, in], got {mask.dtype} of shape {list(mask.shape)}")
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    out_f, in_f = mask.shape
+    new = lambda n: mask.new_empty((n,), dtype=torch.long)  # noqa: E731
+    return new(out_f + 1), new(nnz), new(in_f + 1), new(nnz)
+
+
+def _check_packed_fake(op, weight, ptr, idx, ptr_len, ptr_name):
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-d [out, in], got {list(weight.shape)}")
+    torch._check(ptr.dtype == torch.long and idx.dtype == torch.long and ptr.dim() == 1 and idx.dim() == 1,
+                 lambda: f"{op}: the packed mask must be 1-d int64 tensors (from mask_pack)")
+    torch._check(ptr.shape[0] == ptr_len,
+                 lambda: f"{op}: {ptr_name} must have {ptr_len} entries for a weight of shape {list(weight.shape)}")
+
+
+@torch.library.register_fake("pyprune::sparse_masked_linear")
+def _sparse_masked_linear_fake(x, weight, row_ptr, col_idx, col_ptr, row_idx, bias=None):
+    op = "sparse_masked_linear"
+    _check_packed_fake(op, weight, row_ptr, col_idx, weight.shape[0] + 1, "row_ptr")
+    _check_packed_fake(op, weight, col_ptr, row_idx, weight.shape[1] + 1, "col_ptr")
+    torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                 lambda: f"{op}: x's last dim must be in_features = {weight.shape[1]}, got x of shape {list(x.shape)}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("pyprune::sparse_masked_linear_grad_input")
+def _grad_input_fake(grad_y, weight, col_ptr, row_idx):
+    _check_packed_fake("sparse_masked_linear_grad_input", weight, col_ptr, row_idx, weight.shape[1] + 1, "col_ptr")
+    return weight.new_empty((*grad_y.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("pyprune::sparse_masked_linear_grad_weight")
+def _grad_weight_fake(grad_y, x, weight, row_ptr, col_idx):
+    _check_packed_fake("sparse_masked_linear_grad_weight", weight, row_ptr, col_idx, weight.shape[0] + 1, "row_ptr")
+    return torch.empty_like(weight)
+
+
+# ---------------------------------------------------------------------------
+# Autograd of the sparse path.
+
+
+def _sparse_setup(ctx, inputs, output):
+    x, weight, row_ptr, col_idx, col_ptr, row_idx, bias = inputs
+    ctx.save_for_backward(x, weight, row_ptr, col_idx, col_ptr, row_idx)
+    ctx.has_bias = bias is not None
+
+
+def _sparse_backward(ctx, grad_y):
+    x, weight, row_ptr, col_idx, col_ptr, row_idx = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.pyprune.sparse_masked_linear_grad_input.default(grad_y, weight, col_ptr, row_idx)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.pyprune.sparse_masked_linear_grad_weight.default(grad_y, x, weight, row_ptr, col_idx)
+    if ctx.has_bias and ctx.needs_input_grad[6]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_w, None, None, None, None, grad_b
+
+
+torch.library.register_autograd("pyprune::sparse_masked_linear", _sparse_backward, setup_context=_sparse_setup)
