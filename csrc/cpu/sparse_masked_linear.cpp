@@ -5,13 +5,12 @@
 // rows), so every kept weight scales one contiguous row of M values (a vectorised
 // axpy) and the sampled gradient is a contiguous dot product. Each output row is
 // produced by one thread in index order: deterministic.
+#include <pyprune/cpu_clones.h>
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,53 +20,83 @@ namespace {
 
 // out[m] += sum_j w[j] * src[j][m] for four source rows at once (one pass over out).
 template <typename scalar_t>
-inline void axpy4(scalar_t* __restrict out, const scalar_t* w, const scalar_t* __restrict s0,
-                  const scalar_t* __restrict s1, const scalar_t* __restrict s2,
-                  const scalar_t* __restrict s3, int64_t len) {
+C10_ALWAYS_INLINE void axpy4_body(scalar_t* __restrict out, const scalar_t* w,
+                                  const scalar_t* __restrict s0, const scalar_t* __restrict s1,
+                                  const scalar_t* __restrict s2, const scalar_t* __restrict s3,
+                                  int64_t len) {
   const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
   for (int64_t m = 0; m < len; ++m) out[m] += w0 * s0[m] + w1 * s1[m] + w2 * s2[m] + w3 * s3[m];
 }
 
 template <typename scalar_t>
-inline void axpy1(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict src, int64_t len) {
+C10_ALWAYS_INLINE void axpy1_body(scalar_t* __restrict out, scalar_t w,
+                                  const scalar_t* __restrict src, int64_t len) {
   for (int64_t m = 0; m < len; ++m) out[m] += w * src[m];
 }
 
-// For every output row r: out[r] = init(r) + sum over p in [ptr[r], ptr[r+1]) of
-// weight_of(r, p) * src[idx[p]], rows of length M.
-template <typename scalar_t, typename WeightOf>
-void gather_axpy_rows(scalar_t* out, int64_t rows, int64_t M, const int64_t* ptr, const int64_t* idx,
-                      const scalar_t* src, const scalar_t* init, WeightOf weight_of) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* o = out + r * M;
-      std::fill(o, o + M, init ? init[r] : scalar_t(0));
-      int64_t p = ptr[r];
-      for (; p + 4 <= ptr[r + 1]; p += 4) {
-        const scalar_t w[4] = {weight_of(r, p), weight_of(r, p + 1), weight_of(r, p + 2),
-                               weight_of(r, p + 3)};
-        axpy4(o, w, src + idx[p] * M, src + idx[p + 1] * M, src + idx[p + 2] * M,
-              src + idx[p + 3] * M, M);
-      }
-      for (; p < ptr[r + 1]; ++p) axpy1(o, weight_of(r, p), src + idx[p] * M, M);
-    }
-  });
-}
-
 template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t len) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  Vec acc0(0), acc1(0);
-  int64_t m = 0;
-  for (; m + 2 * Vec::size() <= len; m += 2 * Vec::size()) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + m), Vec::loadu(b + m), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + m + Vec::size()), Vec::loadu(b + m + Vec::size()), acc1);
-  }
-  scalar_t s = at::vec::vec_reduce_all<scalar_t>(std::plus<Vec>(), acc0 + acc1);
-  for (; m < len; ++m) s += a[m] * b[m];
+C10_ALWAYS_INLINE scalar_t dot_body(const scalar_t* __restrict a, const scalar_t* __restrict b,
+                                    int64_t len) {
+  scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t m = 0; m < len; ++m) s += a[m] * b[m];
   return s;
 }
+
+// For output rows [begin, end): out[r] = init[r] (or 0) + sum over p in
+// [ptr[r], ptr[r+1]) of w[r * w_row + idx[p] * w_idx] * src[idx[p]], rows of
+// length M. The forward uses (w_row, w_idx) = (in, 1): weight[r, col]; the
+// input gradient (in columns) uses (1, in): weight[row, r].
+template <typename scalar_t>
+C10_ALWAYS_INLINE void gather_axpy_rows_body(scalar_t* out, int64_t begin, int64_t end, int64_t M,
+                                             const int64_t* ptr, const int64_t* idx,
+                                             const scalar_t* src, const scalar_t* init,
+                                             const scalar_t* w, int64_t w_row, int64_t w_idx) {
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t* o = out + r * M;
+    const scalar_t* wr = w + r * w_row;
+    std::fill(o, o + M, init ? init[r] : scalar_t(0));
+    int64_t p = ptr[r];
+    for (; p + 4 <= ptr[r + 1]; p += 4) {
+      const scalar_t ws[4] = {wr[idx[p] * w_idx], wr[idx[p + 1] * w_idx], wr[idx[p + 2] * w_idx],
+                              wr[idx[p + 3] * w_idx]};
+      axpy4_body(o, ws, src + idx[p] * M, src + idx[p + 1] * M, src + idx[p + 2] * M,
+                 src + idx[p + 3] * M, M);
+    }
+    for (; p < ptr[r + 1]; ++p) axpy1_body(o, wr[idx[p] * w_idx], src + idx[p] * M, M);
+  }
+}
+
+// out[r * K + idx[p]] = dot(a[r], b[idx[p]]) for the kept entries of rows [begin, end).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void sampled_dots_body(scalar_t* out, int64_t begin, int64_t end, int64_t M,
+                                         int64_t K, const int64_t* ptr, const int64_t* idx,
+                                         const scalar_t* a, const scalar_t* b) {
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t p = ptr[r]; p < ptr[r + 1]; ++p) {
+      out[r * K + idx[p]] = dot_body(a + r * M, b + idx[p] * M, M);
+    }
+  }
+}
+
+// The loops above, compiled per instruction set (see cpu_clones.h).
+#define PYPRUNE_SPARSE_LOOPS(T)                                                                  \
+  PYPRUNE_CPU_CLONES void gather_axpy_rows(T* out, int64_t begin, int64_t end, int64_t M,       \
+                                           const int64_t* ptr, const int64_t* idx, const T* src, \
+                                           const T* init, const T* w, int64_t w_row,            \
+                                           int64_t w_idx) {                                      \
+    gather_axpy_rows_body(out, begin, end, M, ptr, idx, src, init, w, w_row, w_idx);             \
+  }                                                                                              \
+  PYPRUNE_CPU_CLONES void sampled_dots(T* out, int64_t begin, int64_t end, int64_t M, int64_t K, \
+                                       const int64_t* ptr, const int64_t* idx, const T* a,      \
+                                       const T* b) {                                             \
+    sampled_dots_body(out, begin, end, M, K, ptr, idx, a, b);                                    \
+  }
+PYPRUNE_SPARSE_LOOPS(float)
+PYPRUNE_SPARSE_LOOPS(double)
+#undef PYPRUNE_SPARSE_LOOPS
+
+int64_t rows_per_task(int64_t M) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1)); }
 
 void check_cpu_dtype(const char* op, const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
@@ -103,12 +132,12 @@ at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor yt = at::empty({out_f, M}, x.options());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const int64_t* cols = col_idx.const_data_ptr<int64_t>();
-    gather_axpy_rows<scalar_t>(yt.data_ptr<scalar_t>(), out_f, M, row_ptr.const_data_ptr<int64_t>(),
-                               cols, xt.const_data_ptr<scalar_t>(),
-                               b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                               [&](int64_t r, int64_t p) { return wp[r * in_f + cols[p]]; });
+    const scalar_t* init = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, out_f, rows_per_task(M), [&](int64_t begin, int64_t end) {
+      gather_axpy_rows(yt.data_ptr<scalar_t>(), begin, end, M, row_ptr.const_data_ptr<int64_t>(),
+                       col_idx.const_data_ptr<int64_t>(), xt.const_data_ptr<scalar_t>(), init,
+                       w.const_data_ptr<scalar_t>(), in_f, 1);
+    });
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_f;
@@ -128,11 +157,11 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
   const at::Tensor w = weight.contiguous();
   at::Tensor gxt = at::empty({in_f, M}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const int64_t* rows = row_idx.const_data_ptr<int64_t>();
-    gather_axpy_rows<scalar_t>(gxt.data_ptr<scalar_t>(), in_f, M, col_ptr.const_data_ptr<int64_t>(),
-                               rows, gyt.const_data_ptr<scalar_t>(), nullptr,
-                               [&](int64_t k, int64_t p) { return wp[rows[p] * in_f + k]; });
+    at::parallel_for(0, in_f, rows_per_task(M), [&](int64_t begin, int64_t end) {
+      gather_axpy_rows(gxt.data_ptr<scalar_t>(), begin, end, M, col_ptr.const_data_ptr<int64_t>(),
+                       row_idx.const_data_ptr<int64_t>(), gyt.const_data_ptr<scalar_t>(), nullptr,
+                       w.const_data_ptr<scalar_t>(), 1, in_f);
+    });
   });
   std::vector<int64_t> shape(grad_y.sizes().begin(), grad_y.sizes().end());
   shape.back() = in_f;
@@ -153,18 +182,10 @@ at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
   const int64_t M = xt.size(1);
   at::Tensor gw = at::zeros({out_f, in_f}, weight.options());  // pruned entries: exactly 0
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    const scalar_t* gyp = gyt.const_data_ptr<scalar_t>();
-    const scalar_t* xp = xt.const_data_ptr<scalar_t>();
-    const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
-    const int64_t* cols = col_idx.const_data_ptr<int64_t>();
-    scalar_t* gwp = gw.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
-    at::parallel_for(0, out_f, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
-          gwp[r * in_f + cols[p]] = dot(gyp + r * M, xp + cols[p] * M, M);
-        }
-      }
+    at::parallel_for(0, out_f, rows_per_task(M), [&](int64_t begin, int64_t end) {
+      sampled_dots(gw.data_ptr<scalar_t>(), begin, end, M, in_f, row_ptr.const_data_ptr<int64_t>(),
+                   col_idx.const_data_ptr<int64_t>(), gyt.const_data_ptr<scalar_t>(),
+                   xt.const_data_ptr<scalar_t>());
     });
   });
   return gw;
