@@ -109,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mask_pack(const at::T
     const at::Tensor nz = m.nonzero();
     const at::Tensor counts = m.sum(1, /*keepdim=*/false, at::kLong);
     const at::Tensor ptr = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
-    return std::make_tuple(ptr, nz.select(1, 1).contiguous());
+    // clone, not contiguous(): a fresh tensor even when the select is already contiguous.
+    return std::make_tuple(ptr, nz.select(1, 1).clone(at::MemoryFormat::Contiguous));
   };
   auto [row_ptr, col_idx] = compress(mask);
   auto [col_ptr, row_idx] = compress(mask.t());

@@ -42,7 +42,7 @@ def _load_extension() -> None:
 
 _load_extension()
 
-from . import ops  # noqa: E402
+from . import nn, ops  # noqa: E402
 from .ops import (masked_conv2d, masked_linear, mask_pack, sparse_masked_linear,  # noqa: E402
                   taylor_channel_stats, taylor_channel_stats_, taylor_weight_stats)
 
@@ -69,6 +69,7 @@ __all__ = [
     "mask_pack",
     "masked_conv2d",
     "masked_linear",
+    "nn",
     "ops",
     "sparse_masked_linear",
     "taylor_channel_stats",

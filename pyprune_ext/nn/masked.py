@@ -1,0 +1,266 @@
+"""MaskedLinear and MaskedConv2d: drop-in replacements for nn.Linear / nn.Conv2d
+whose pruned weights stay exactly zero through training.
+
+How zeros are kept (two mechanisms, both needed):
+
+* The forward pass uses the masked ops, so the gradient of every pruned weight
+  is exactly zero.
+* Zero gradients are not enough: momentum, Adam moments or weight decay carried
+  over from before pruning (or a user writing to the weights) would move pruned
+  weights. So every masked module is re-zeroed right after each optimizer step,
+  by a global ``torch.optim`` step post-hook, and the optimizer's state tensors
+  of that weight (momentum buffers, Adam moments) are zeroed at pruned
+  positions too.
+
+The parameter stays ``weight`` (no ``weight_orig`` / ``weight_mask`` pair) and
+the mask is a bool buffer ``mask``: ``state_dict`` keys are ``weight``,
+``bias`` and ``mask``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .. import ops
+
+# Density at or below which MaskedLinear uses the sparse path on the CPU
+# (float32/float64). Chosen from `python -m benchmarks.masked`: the sparse
+# kernels overtake dense GEMM at about 20% density for large layers.
+SPARSE_DENSITY_THRESHOLD = 0.2
+
+_LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
+_HOOK_HANDLE = None
+
+
+def _rezero_after_step(optimizer, args, kwargs) -> None:
+    """Step post-hook for every optimizer: re-zero pruned weights and their state."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in list(_LIVE_MODULES):
+        weight = module.weight
+        if id(weight) not in params:
+            continue
+        with torch.no_grad():
+            weight.mul_(module.mask)
+            for value in optimizer.state.get(weight, {}).values():
+                if isinstance(value, Tensor) and value.shape == weight.shape:
+                    value.mul_(module.mask)
+
+
+def _refresh_after_load(module, incompatible_keys) -> None:
+    module._mask_changed()
+
+
+def _register(module: "_MaskedMixin") -> None:
+    global _HOOK_HANDLE
+    _LIVE_MODULES.add(module)
+    if _HOOK_HANDLE is None:
+        _HOOK_HANDLE = register_optimizer_step_post_hook(_rezero_after_step)
+
+
+class _MaskedMixin:
+    """Mask handling shared by the masked layers."""
+
+    weight: nn.Parameter
+    mask: Tensor
+
+    def _init_mask(self, mask: Optional[Tensor]) -> None:
+        if mask is None:
+            mask = torch.ones_like(self.weight, dtype=torch.bool)
+        self.register_buffer("mask", self._checked_mask(mask))
+        self.sparse_threshold = SPARSE_DENSITY_THRESHOLD
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self._mask_changed()
+        _register(self)
+
+    def _mask_changed(self) -> None:
+        """Zeroes newly pruned weights and refreshes what is derived from the mask:
+        the packed form and the density the forward pass decides on (a plain float,
+        so torch.compile needs no data-dependent branch)."""
+        self._packed = None
+        # (from_dense first builds the module on the meta device: no values yet)
+        self._cached_density = 1.0 if self.mask.is_meta else self.density
+        self.apply_mask_()
+
+    def _checked_mask(self, mask: Tensor) -> Tensor:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{type(self).__name__}: mask must be a tensor, got {type(mask).__name__}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"{type(self).__name__}: mask must have the weight's shape "
+                             f"{list(self.weight.shape)}, got {list(mask.shape)}")
+        if mask.dtype != torch.bool:
+            uniques = torch.unique(mask)
+            if not bool(((uniques == 0) | (uniques == 1)).all()):
+                raise ValueError(f"{type(self).__name__}: mask must be bool or 0/1, got values {uniques.tolist()[:5]}")
+        return mask.to(device=self.weight.device, dtype=torch.bool).clone()
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Replaces the mask (e.g. after a pruning level) and zeroes the newly pruned weights."""
+        self.mask = self._checked_mask(mask)
+        self._mask_changed()
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Zeroes the pruned weights in place."""
+        self.weight.mul_(self.mask)
+
+    @property
+    def density(self) -> float:
+        """Fraction of weights kept."""
+        return float(self.mask.sum()) / max(self.mask.numel(), 1)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights pruned."""
+        return 1.0 - self.density
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle: keep the new copy re-zeroed too
+        super().__setstate__(state)
+        _register(self)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", density={self.density:.4f}"
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """nn.Linear computing ``x @ (weight * mask)^T + bias``.
+
+    At or below ``sparse_threshold`` density (default
+    ``SPARSE_DENSITY_THRESHOLD``; set it to 0 to disable, 1 to force) it runs the
+    sparse kernels on the CPU; otherwise the dense-masked op.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 mask: Optional[Tensor] = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_mask(mask)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None) -> "MaskedLinear":
+        """Wraps an existing nn.Linear, sharing its Parameter objects (an optimizer
+        built on the original keeps working) and zeroing its pruned weights."""
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     mask=torch.ones(linear.out_features, linear.in_features, dtype=torch.bool),
+                     device="meta")
+        module.weight = linear.weight
+        module.bias = linear.bias
+        module.set_mask(torch.ones_like(linear.weight, dtype=torch.bool) if mask is None else mask)
+        module.train(linear.training)
+        return module
+
+    def _use_sparse(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.float64)
+                and self._cached_density <= self.sparse_threshold)
+
+    def packed(self) -> ops.PackedMask:
+        """The packed mask, built once per mask change."""
+        if self._packed is None or self._packed[0] is not self.mask or self._packed[1] != self.mask._version:
+            self._packed = (self.mask, self.mask._version, ops.mask_pack(self.mask))
+        return self._packed[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._use_sparse(x):
+            return ops.sparse_masked_linear(x, self.weight, self.packed(), self.bias)
+        return ops.masked_linear(x, self.weight, self.mask, self.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear with zeros at pruned positions, sharing this module's
+        Parameters (zeroed in place first)."""
+        self.apply_mask_()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        linear.train(self.training)
+        return linear
+
+
+class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+    """nn.Conv2d computing ``conv2d(x, weight * mask, bias, ...)`` (grouped and
+    depthwise included)."""
+
+    def __init__(self, *args, mask: Optional[Tensor] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(mask)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: Optional[Tensor] = None) -> "MaskedConv2d":
+        """Wraps an existing nn.Conv2d, sharing its Parameter objects."""
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
+                     mask=torch.ones(conv.weight.shape, dtype=torch.bool))
+        module.weight = conv.weight
+        module.bias = conv.bias
+        module.set_mask(torch.ones_like(conv.weight, dtype=torch.bool) if mask is None else mask)
+        module.train(conv.training)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d does: pad explicitly, then no padding
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        if isinstance(padding, str):
+            raise ValueError("MaskedConv2d: string padding ('same'/'valid') is not supported; "
+                             "give the padding as numbers")
+        return ops.masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, padding,
+                                 self.dilation, self.groups)
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with zeros at pruned positions, sharing this module's Parameters."""
+        self.apply_mask_()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, groups=self.groups,
+                         bias=self.bias is not None, padding_mode=self.padding_mode, device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
+        conv.train(self.training)
+        return conv
+
+
+_MASKED_FOR = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def mask_model(model: nn.Module, masks: Dict[str, Tensor]) -> nn.Module:
+    """Replaces the named nn.Linear / nn.Conv2d submodules by masked ones, in place.
+
+    ``masks`` maps a submodule name (as in ``model.named_modules()``) to a bool
+    mask of its weight's shape. Parameters are shared, not copied, so existing
+    optimizers keep working. Already-masked modules get their mask replaced.
+    Returns ``model``.
+    """
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            raise KeyError(f"mask_model: the model has no submodule named {name!r}")
+        module = modules[name]
+        if isinstance(module, _MaskedMixin):
+            module.set_mask(mask)
+            continue
+        masked_cls = _MASKED_FOR.get(type(module))
+        if masked_cls is None:
+            raise TypeError(f"mask_model: {name!r} is a {type(module).__name__}; only nn.Linear and "
+                            f"nn.Conv2d can be masked")
+        _set_submodule(model, name, masked_cls.from_dense(module, mask))
+    return model
+
+
+def unmask_model(model: nn.Module) -> nn.Module:
+    """Replaces every masked submodule by its plain equivalent (zeros in place), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _MaskedMixin) and name:
+            _set_submodule(model, name, module.to_dense())
+    return model
+
+
+def masked_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """The masked submodules of a model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _MaskedMixin)}

@@ -1,0 +1,166 @@
+"""MaskedLinear / MaskedConv2d and mask_model: drop-in behaviour, persistence, and
+pruned weights that stay exactly zero through hundreds of optimizer steps."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import pyprune_ext as pp
+from pyprune_ext.nn import MaskedConv2d, MaskedLinear, mask_model, masked_modules, unmask_model
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.fc1 = nn.Linear(6 * 8 * 8, 40)
+        self.fc2 = nn.Linear(40, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.depthwise(torch.relu(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def random_masks(model, density, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(m.weight.shape, generator=gen) < density
+            for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def test_from_dense_shares_parameters_and_zeroes_pruned(device):
+    linear = nn.Linear(12, 5).to(device)
+    mask = torch.rand(5, 12, device=device) < 0.3
+    masked = MaskedLinear.from_dense(linear, mask)
+    assert masked.weight is linear.weight and masked.bias is linear.bias
+    assert (linear.weight[~mask] == 0).all() and (linear.weight[mask] != 0).all()
+    assert masked.density == pytest.approx(mask.float().mean().item())
+    assert masked.sparsity == pytest.approx(1 - masked.density)
+    assert list(masked.state_dict()) == ["weight", "bias", "mask"]
+    x = torch.randn(3, 12, device=device)
+    torch.testing.assert_close(masked(x), linear(x))  # weights already zero: same function
+
+
+def test_bad_masks_are_rejected():
+    linear = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"weight's shape \[3, 4\]"):
+        MaskedLinear.from_dense(linear, torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool or 0/1"):
+        MaskedLinear.from_dense(linear, torch.full((3, 4), 0.5))
+    model = SmallNet()
+    with pytest.raises(KeyError, match="no submodule named 'fc9'"):
+        mask_model(model, {"fc9": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="only nn.Linear and nn.Conv2d"):
+        mask_model(nn.Sequential(nn.ReLU()), {"0": torch.ones(1, dtype=torch.bool)})
+
+
+def test_state_dict_round_trip_and_deepcopy(tmp_path):
+    model = mask_model(SmallNet(), random_masks(SmallNet(), 0.3))
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    fresh = mask_model(SmallNet(), random_masks(SmallNet(), 1.0, seed=5))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    torch.testing.assert_close(fresh(x), expected)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), expected)
+    buffer = io.BytesIO()
+    torch.save(clone, buffer)  # whole-module pickling works too
+    assert isinstance(clone.fc1, MaskedLinear) and clone.fc1.mask is not model.fc1.mask
+
+
+def test_to_dense_and_unmask_model_keep_the_function():
+    model = SmallNet()
+    mask_model(model, random_masks(model, 0.4))
+    assert set(masked_modules(model)) == {"conv", "depthwise", "fc1", "fc2"}
+    x = torch.randn(3, 1, 8, 8)
+    expected = model(x)
+    dense_fc1 = model.fc1.to_dense()
+    assert type(dense_fc1) is nn.Linear and (dense_fc1.weight[~model.fc1.mask] == 0).all()
+    unmask_model(model)
+    assert not masked_modules(model)
+    assert type(model.conv) is nn.Conv2d and type(model.fc2) is nn.Linear
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_sparse_and_dense_paths_agree():
+    linear = nn.Linear(64, 32).double()
+    masked = MaskedLinear.from_dense(linear, torch.rand(32, 64) < 0.1)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    masked.sparse_threshold = 1.0  # force the sparse path
+    y_sparse = masked(x)
+    y_sparse.sum().backward()
+    grads_sparse = (x.grad.clone(), masked.weight.grad.clone(), masked.bias.grad.clone())
+    x.grad = None
+    masked.zero_grad()
+    masked.sparse_threshold = 0.0  # force the dense-masked path
+    y_dense = masked(x)
+    y_dense.sum().backward()
+    torch.testing.assert_close(y_sparse, y_dense)
+    for a, b in zip(grads_sparse, (x.grad, masked.weight.grad, masked.bias.grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_packed_mask_follows_set_mask():
+    masked = MaskedLinear(8, 4)
+    masked.sparse_threshold = 1.0
+    first = masked.packed()
+    assert masked.packed() is first  # cached while the mask is unchanged
+    masked.set_mask(torch.eye(4, 8, dtype=torch.bool))
+    assert masked.packed().nnz == 4
+    assert masked.density == pytest.approx(4 / 32)
+
+
+OPTIMIZERS = {
+    "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("sparse_linear", [False, True])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_pruned_weights_stay_exactly_zero_through_training(optimizer, sparse_linear):
+    torch.manual_seed(0)
+    model = SmallNet()
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    x, target = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(5):  # dense training first: momentum / Adam moments become non-zero
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    masks = random_masks(model, 0.2)
+    mask_model(model, masks)  # the optimizer was built on the same Parameters
+    for m in masked_modules(model).values():
+        m.sparse_threshold = 1.0 if sparse_linear else 0.0
+    losses = []
+    for _ in range(200):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        for name, m in masked_modules(model).items():
+            assert (m.weight.grad[~masks[name]] == 0).all(), name
+        opt.step()
+        losses.append(loss.item())
+    for name, m in masked_modules(model).items():
+        assert (m.weight[~masks[name]] == 0).all(), name
+        assert (m.weight[masks[name]] != 0).any(), name
+    assert losses[-1] < losses[0]  # and it still trains
+
+
+def test_compile_fullgraph_masked_mlp_and_cnn():
+    model = mask_model(SmallNet(), random_masks(SmallNet(), 0.5))
+    for m in masked_modules(model).values():
+        m.sparse_threshold = 0.0
+    x = torch.randn(2, 1, 8, 8)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    packed = model.fc2.packed()
+    sparse_fn = torch.compile(lambda h: pp.sparse_masked_linear(h, model.fc2.weight, packed, model.fc2.bias),
+                              fullgraph=True)
+    h = torch.randn(3, 40)
+    torch.testing.assert_close(sparse_fn(h), model.fc2(h))

@@ -1,0 +1,216 @@
+"""masked_linear / masked_conv2d / mask_pack / sparse_masked_linear against a
+float64 plain-PyTorch reference, with opcheck, compile, gradcheck and bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyprune_ext as pp
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def dtypes_for(device, sparse=False):
+    if device == "cpu":
+        return [torch.float32, torch.float64]
+    return [torch.float32] if sparse else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_layer(out_f, in_f, density, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    mask = torch.rand(out_f, in_f, generator=gen) < density
+    b = torch.randn(out_f, generator=gen, dtype=torch.float64)
+    return w.to(device, dtype), mask.to(device), b.to(device, dtype)
+
+
+def reference_linear(x, w, mask, b):
+    y = x.double() @ (w.double() * mask).T
+    return y if b is None else y + b.double()
+
+
+def assert_close_rel(got, want, dtype):
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item() + 1e-12
+    assert err <= TOL[dtype] * scale, (err, scale)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.02, 0.0])
+@pytest.mark.parametrize("x_shape", [(33,), (5, 33), (2, 3, 33)])
+def test_masked_linear_both_paths_match_reference(x_shape, density, device):
+    for dtype in dtypes_for(device):
+        w, mask, b = make_layer(17, 33, density, dtype, device)
+        x = torch.randn(x_shape, dtype=torch.float64).to(device, dtype)
+        want = reference_linear(x, w, mask, b)
+        got = pp.masked_linear(x, w, mask, b)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_close_rel(got, want, dtype)
+        if dtype in dtypes_for(device, sparse=True) and device == "cpu":
+            sparse = pp.sparse_masked_linear(x, w, pp.mask_pack(mask), b)
+            assert sparse.shape == want.shape
+            assert_close_rel(sparse, want, dtype)
+
+
+def test_all_false_mask_gives_bias(device):
+    w, _, b = make_layer(6, 9, 1.0, torch.float32, device)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    x = torch.randn(4, 9, device=device)
+    assert torch.equal(pp.masked_linear(x, w, mask, b), b.expand(4, 6))
+    if device == "cpu":
+        assert torch.equal(pp.sparse_masked_linear(x, w, pp.mask_pack(mask), b), b.expand(4, 6))
+        assert torch.equal(pp.sparse_masked_linear(x, w, pp.mask_pack(mask)), torch.zeros(4, 6))
+
+
+def test_mask_pack_structure():
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    packed = pp.mask_pack(mask)
+    assert packed.row_ptr.tolist() == [0, 2, 2, 5]
+    assert packed.col_idx.tolist() == [0, 2, 0, 1, 3]
+    assert packed.col_ptr.tolist() == [0, 2, 3, 4, 5]
+    assert packed.row_idx.tolist() == [0, 2, 2, 0, 2]
+    assert packed.nnz == 5
+
+
+@pytest.mark.parametrize("density", [0.5, 0.05])
+def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
+    w, mask, b = make_layer(6, 8, density, torch.float64, device, seed=2)
+    x = torch.randn(5, 8, dtype=torch.float64, device=device)
+    paths = [lambda x, w, b: pp.masked_linear(x, w, mask, b)]
+    if device == "cpu":
+        packed = pp.mask_pack(mask)
+        paths.append(lambda x, w, b: pp.sparse_masked_linear(x, w, packed, b))
+    for fn in paths:
+        args = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        assert torch.autograd.gradcheck(fn, args)
+        fn(*args).pow(2).sum().backward()
+        assert (args[1].grad[~mask] == 0).all()
+        ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        F.linear(ref[0], ref[1] * mask, ref[2]).pow(2).sum().backward()
+        for got, want in zip(args, ref):
+            torch.testing.assert_close(got.grad, want.grad)
+
+
+CONV_CASES = [
+    dict(in_c=4, out_c=6, k=3, stride=1, padding=1, dilation=1, groups=1),
+    dict(in_c=4, out_c=8, k=3, stride=2, padding=0, dilation=2, groups=2),
+    dict(in_c=6, out_c=6, k=3, stride=1, padding=1, dilation=1, groups=6),  # depthwise
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_masked_conv2d_matches_reference(case, device):
+    c = CONV_CASES[case]
+    for dtype in dtypes_for(device):
+        gen = torch.Generator().manual_seed(case)
+        w = torch.randn(c["out_c"], c["in_c"] // c["groups"], c["k"], c["k"], generator=gen, dtype=torch.float64)
+        mask = torch.rand(w.shape, generator=gen) < 0.4
+        b = torch.randn(c["out_c"], generator=gen, dtype=torch.float64)
+        x = torch.randn(2, c["in_c"], 9, 9, generator=gen, dtype=torch.float64)
+        args = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+        want = F.conv2d(x, w * mask, b, **args)
+        got = pp.masked_conv2d(*(t.to(device, dtype) for t in (x, w)), mask.to(device), b.to(device, dtype), **args)
+        assert_close_rel(got.cpu(), want, dtype)
+
+
+def test_masked_conv2d_gradcheck(device):
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(w.shape, device=device) < 0.5
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    fn = lambda x, w: pp.masked_conv2d(x, w, mask, None, padding=1, groups=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    fn(x, w).sum().backward()
+    assert (w.grad[~mask] == 0).all() and (w.grad[mask] != 0).any()
+
+
+def test_opcheck_masked_ops(device):
+    w, mask, b = make_layer(5, 7, 0.4, torch.float32, device)
+    x = torch.randn(3, 7, device=device)
+    torch.library.opcheck(torch.ops.pyprune.masked_linear.default, (x, w, mask, b))
+    torch.library.opcheck(torch.ops.pyprune.masked_linear.default, (x, w.requires_grad_(), mask, None))
+    wc = torch.randn(4, 3, 3, 3, device=device)
+    torch.library.opcheck(torch.ops.pyprune.masked_conv2d.default,
+                          (torch.randn(2, 3, 6, 6, device=device), wc, torch.rand(wc.shape, device=device) < 0.5,
+                           None, [1, 1], [1, 1], [1, 1], 1))
+    torch.library.opcheck(torch.ops.pyprune.mask_pack.default, (mask,),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_opcheck_sparse_ops():
+    w, mask, b = make_layer(5, 7, 0.4, torch.float64, "cpu")
+    packed = pp.mask_pack(mask)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    gy = torch.randn(3, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyprune.sparse_masked_linear.default, (x, w, *packed, b))
+    torch.library.opcheck(torch.ops.pyprune.sparse_masked_linear.default,
+                          (x.requires_grad_(), w.requires_grad_(), *packed, b.requires_grad_()))
+    torch.library.opcheck(torch.ops.pyprune.sparse_masked_linear_grad_input.default,
+                          (gy, w.detach(), packed.col_ptr, packed.row_idx))
+    torch.library.opcheck(torch.ops.pyprune.sparse_masked_linear_grad_weight.default,
+                          (gy, x.detach(), w.detach(), packed.row_ptr, packed.col_idx))
+
+
+def test_compile_fullgraph_sparse_and_dense():
+    w, mask, b = make_layer(9, 12, 0.3, torch.float32, "cpu")
+    packed = pp.mask_pack(mask)
+
+    def both(x, w, b):
+        return pp.sparse_masked_linear(x, w, packed, b) - pp.masked_linear(x, w, mask, b)
+
+    x = torch.randn(4, 12)
+    out = torch.compile(both, fullgraph=True)(x, w, b)
+    assert out.abs().max() < 1e-5
+
+
+# --- bad input ------------------------------------------------------------------
+
+def test_masked_linear_bad_input(device):
+    w, mask, b = make_layer(4, 6, 0.5, torch.float32, device)
+    x = torch.randn(3, 6, device=device)
+    cases = [
+        ((x, w, mask[:, :5], b), "mask must have weight's shape"),
+        ((x, w, mask.float(), b), "mask must be a bool tensor"),
+        ((torch.randn(3, 5, device=device), w, mask, b), "last dim must be in_features = 6"),
+        ((x, w, mask, b[:3]), r"bias must have shape \[4\]"),
+        ((x.double(), w, mask, b), "same dtype"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            pp.masked_linear(*args)
+    with pytest.raises(RuntimeError, match="mask must have weight's shape"):
+        pp.masked_conv2d(torch.randn(1, 2, 4, 4, device=device), torch.randn(3, 2, 3, 3, device=device),
+                         torch.ones(3, 2, 3, 2, dtype=torch.bool, device=device))
+    with pytest.raises(RuntimeError, match="C = 2 channels"):
+        pp.masked_conv2d(torch.randn(1, 5, 4, 4, device=device), torch.randn(3, 2, 3, 3, device=device),
+                         torch.ones(3, 2, 3, 3, dtype=torch.bool, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masked_linear_device_mismatch():
+    w, mask, b = make_layer(4, 6, 0.5, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="mask must be on weight's device"):
+        pp.masked_linear(torch.randn(2, 6, device="cuda"), w, mask.cpu(), b)
+    with pytest.raises(RuntimeError, match="x must be on weight's device"):
+        pp.masked_linear(torch.randn(2, 6), w, mask, b)
+
+
+def test_sparse_bad_input():
+    w, mask, b = make_layer(4, 6, 0.5, torch.float32, "cpu")
+    x = torch.randn(3, 6)
+    packed = pp.mask_pack(mask)
+    other = pp.mask_pack(torch.ones(5, 6, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="was the mask packed for another layer"):
+        pp.sparse_masked_linear(x, w, other)
+    bad_cols = packed._replace(col_idx=packed.col_idx + 6)
+    with pytest.raises(RuntimeError, match="outside"):
+        pp.sparse_masked_linear(x, w, bad_cols)
+    bad_ptr = packed._replace(row_ptr=packed.row_ptr.flip(0))
+    with pytest.raises(RuntimeError, match="row_ptr must start at 0"):
+        pp.sparse_masked_linear(x, w, bad_ptr)
+    with pytest.raises(RuntimeError, match="int64"):
+        pp.sparse_masked_linear(x, w, packed._replace(col_idx=packed.col_idx.int()))
+    with pytest.raises(RuntimeError, match="last dim must be in_features"):
+        pp.sparse_masked_linear(torch.randn(3, 5), w, packed)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        pp.sparse_masked_linear(x.half(), w.half(), packed)
+    with pytest.raises(RuntimeError, match="2-d bool"):
+        pp.mask_pack(mask.float())
