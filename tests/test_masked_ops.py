@@ -10,10 +10,10 @@ import pyprune_ext as pp
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def dtypes_for(device, sparse=False):
+def dtypes_for(device):
     if device == "cpu":
         return [torch.float32, torch.float64]
-    return [torch.float32] if sparse else [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_layer(out_f, in_f, density, dtype, device, seed=0):
@@ -45,10 +45,9 @@ def test_masked_linear_both_paths_match_reference(x_shape, density, device):
         got = pp.masked_linear(x, w, mask, b)
         assert got.shape == want.shape and got.dtype == dtype
         assert_close_rel(got, want, dtype)
-        if dtype in dtypes_for(device, sparse=True) and device == "cpu":
-            sparse = pp.sparse_masked_linear(x, w, pp.mask_pack(mask), b)
-            assert sparse.shape == want.shape
-            assert_close_rel(sparse, want, dtype)
+        sparse = pp.sparse_masked_linear(x, w, pp.mask_pack(mask), b)
+        assert sparse.shape == want.shape
+        assert_close_rel(sparse, want, dtype)
 
 
 def test_all_false_mask_gives_bias(device):
@@ -56,9 +55,8 @@ def test_all_false_mask_gives_bias(device):
     mask = torch.zeros_like(w, dtype=torch.bool)
     x = torch.randn(4, 9, device=device)
     assert torch.equal(pp.masked_linear(x, w, mask, b), b.expand(4, 6))
-    if device == "cpu":
-        assert torch.equal(pp.sparse_masked_linear(x, w, pp.mask_pack(mask), b), b.expand(4, 6))
-        assert torch.equal(pp.sparse_masked_linear(x, w, pp.mask_pack(mask)), torch.zeros(4, 6))
+    assert torch.equal(pp.sparse_masked_linear(x, w, pp.mask_pack(mask), b), b.expand(4, 6))
+    assert torch.equal(pp.sparse_masked_linear(x, w, pp.mask_pack(mask)), torch.zeros(4, 6, device=device))
 
 
 def test_mask_pack_structure():
@@ -75,10 +73,9 @@ def test_mask_pack_structure():
 def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
     w, mask, b = make_layer(6, 8, density, torch.float64, device, seed=2)
     x = torch.randn(5, 8, dtype=torch.float64, device=device)
-    paths = [lambda x, w, b: pp.masked_linear(x, w, mask, b)]
-    if device == "cpu":
-        packed = pp.mask_pack(mask)
-        paths.append(lambda x, w, b: pp.sparse_masked_linear(x, w, packed, b))
+    packed = pp.mask_pack(mask)
+    paths = [lambda x, w, b: pp.masked_linear(x, w, mask, b),
+             lambda x, w, b: pp.sparse_masked_linear(x, w, packed, b)]
     for fn in paths:
         args = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         assert torch.autograd.gradcheck(fn, args)
@@ -135,11 +132,11 @@ def test_opcheck_masked_ops(device):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_opcheck_sparse_ops():
-    w, mask, b = make_layer(5, 7, 0.4, torch.float64, "cpu")
+def test_opcheck_sparse_ops(device):
+    w, mask, b = make_layer(5, 7, 0.4, torch.float64, device)
     packed = pp.mask_pack(mask)
-    x = torch.randn(3, 7, dtype=torch.float64)
-    gy = torch.randn(3, 5, dtype=torch.float64)
+    x = torch.randn(3, 7, dtype=torch.float64, device=device)
+    gy = torch.randn(3, 5, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.pyprune.sparse_masked_linear.default, (x, w, *packed, b))
     torch.library.opcheck(torch.ops.pyprune.sparse_masked_linear.default,
                           (x.requires_grad_(), w.requires_grad_(), *packed, b.requires_grad_()))

@@ -29,10 +29,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
 
-# Density at or below which MaskedLinear uses the sparse path on the CPU
-# (float32/float64). Chosen from `python -m benchmarks.masked`: the sparse
-# kernels overtake dense GEMM at about 20% density for large layers.
-SPARSE_DENSITY_THRESHOLD = 0.2
+# Density at or below which MaskedLinear uses the sparse path, per device type,
+# chosen from `python -m benchmarks.masked` (see README). On CUDA the sparse
+# kernels have not been shown to beat cuBLAS yet, so they run only when asked
+# for (module.sparse_threshold = 1.0 forces the sparse path, 0.0 forbids it).
+SPARSE_DENSITY_THRESHOLD = {"cpu": 0.2, "cuda": 0.0}
 
 _LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
 _HOOK_HANDLE = None
@@ -73,7 +74,7 @@ class _MaskedMixin:
         if mask is None:
             mask = torch.ones_like(self.weight, dtype=torch.bool)
         self.register_buffer("mask", self._checked_mask(mask))
-        self.sparse_threshold = SPARSE_DENSITY_THRESHOLD
+        self.sparse_threshold: Optional[float] = None  # None: SPARSE_DENSITY_THRESHOLD for the device
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self._mask_changed()
         _register(self)
@@ -130,9 +131,9 @@ class _MaskedMixin:
 class MaskedLinear(_MaskedMixin, nn.Linear):
     """nn.Linear computing ``x @ (weight * mask)^T + bias``.
 
-    At or below ``sparse_threshold`` density (default
-    ``SPARSE_DENSITY_THRESHOLD``; set it to 0 to disable, 1 to force) it runs the
-    sparse kernels on the CPU; otherwise the dense-masked op.
+    At or below ``sparse_threshold`` density (default None: the device's entry
+    in ``SPARSE_DENSITY_THRESHOLD``; 0 disables, 1 forces) it runs the sparse
+    kernels; otherwise the dense-masked op.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -154,8 +155,12 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return module
 
     def _use_sparse(self, x: Tensor) -> bool:
-        return (x.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.float64)
-                and self._cached_density <= self.sparse_threshold)
+        threshold = self.sparse_threshold
+        if threshold is None:
+            threshold = SPARSE_DENSITY_THRESHOLD.get(x.device.type, 0.0)
+        if x.device.type == "cpu" and self.weight.dtype not in (torch.float32, torch.float64):
+            return False  # the CPU sparse kernels are float32/float64
+        return self._cached_density <= threshold and x.device.type in SPARSE_DENSITY_THRESHOLD
 
     def packed(self) -> ops.PackedMask:
         """The packed mask, built once per mask change."""
