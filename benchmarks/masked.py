@@ -123,12 +123,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="two linear shapes, forward only")
+    parser.add_argument("--only", metavar="TEXT", help="only the cases whose name contains TEXT (e.g. 4096)")
+    parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cases = [("linear", (o, i, b), f"{name} batch {b}") for name, o, i, b in LINEAR_CASES]
     cases.append(("conv", CONV_CASE[1:], f"{CONV_CASE[0]} batch {CONV_CASE[4]}"))
-    modes = [False, True]
+    modes = [False] if args.forward_only else [False, True]
+    if args.only:
+        cases = [c for c in cases if args.only in c[2]]
     if args.quick:
         cases, modes = [cases[0], cases[5]], [False]
 
