@@ -2,12 +2,13 @@
 // packing of a mask into index structures for the sparse path.
 //
 // The dense-masked path is registered as CompositeImplicitAutograd: it is
-// linear/conv2d on weight * mask, so autograd gives grad_weight = (grad_y^T x)
-// * mask with exact zeros at pruned positions, and torch.compile sees (and can
-// fuse) the multiply. It serves every device and dtype torch's own GEMM serves.
+// linear/conv2d on apply_mask(weight, mask), whose gradient is the masked
+// incoming gradient (pyprune_ext/ops/masked.py), so grad_weight has exact zeros
+// at pruned positions. It serves every device and dtype torch's own GEMM serves.
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 namespace pyprune {
@@ -32,6 +33,15 @@ void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& we
     TORCH_CHECK(bias->device() == weight.device() && bias->scalar_type() == weight.scalar_type(),
                 op, ": bias must match weight's dtype and device");
   }
+}
+
+void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "apply_mask: mask must be a bool tensor, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == weight.sizes(), "apply_mask: mask must have weight's shape ",
+              weight.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(mask.device() == weight.device(), "apply_mask: mask must be on weight's device (",
+              weight.device(), "), got ", mask.device());
 }
 
 void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
@@ -73,6 +83,19 @@ void check_packed_index(const char* op, const at::Tensor& weight, const at::Tens
 
 namespace {
 
+at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyprune::apply_mask", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(weight, mask);
+}
+
+// Any device: ATen's where (the CPU has a faster kernel in csrc/cpu).
+at::Tensor apply_mask_generic(const at::Tensor& weight, const at::Tensor& mask) {
+  check_apply_mask(weight, mask);
+  return at::where(mask, weight, 0);
+}
+
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias) {
   const char* op = "masked_linear";
@@ -80,7 +103,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   check_masked_args(op, x, weight, mask, bias);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must be in_features = ",
               weight.size(1), ", got x of shape ", x.sizes());
-  return at::linear(x, weight * mask, bias);
+  return at::linear(x, masked_weight(weight, mask), bias);
 }
 
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
@@ -95,7 +118,7 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK((x.dim() == 3 || x.dim() == 4) && x.size(-3) == weight.size(1) * groups, op,
               ": x must be [N, C, H, W] or [C, H, W] with C = ", weight.size(1) * groups,
               " channels, got ", x.sizes());
-  return at::conv2d(x, weight * mask, bias, stride, padding, dilation, groups);
+  return at::conv2d(x, masked_weight(weight, mask), bias, stride, padding, dilation, groups);
 }
 
 // CSR and CSC index structure of a 2-d bool mask, with ATen ops only, so the
@@ -126,6 +149,7 @@ TORCH_LIBRARY_IMPL(pyprune, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(pyprune, CompositeExplicitAutograd, m) {
   m.impl("mask_pack", &mask_pack);
+  m.impl("apply_mask", &apply_mask_generic);
 }
 
 }  // namespace pyprune

@@ -63,6 +63,9 @@ TORCH_LIBRARY(pyprune, m) {
 
   // Masked and sparse GEMM / convolution for lottery-ticket training.
   // mask is a bool tensor of weight's shape; pruned weights count as zero.
+  // where(mask, weight, 0) in one pass, without promoting the bool mask to a
+  // float copy first (what weight * mask does).
+  m.def("apply_mask(Tensor weight, Tensor mask) -> Tensor", tags);
   m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor",
         tags);
   m.def(

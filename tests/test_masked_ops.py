@@ -211,3 +211,22 @@ def test_sparse_bad_input():
         pp.sparse_masked_linear(x.half(), w.half(), packed)
     with pytest.raises(RuntimeError, match="2-d bool"):
         pp.mask_pack(mask.float())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_apply_mask_matches_where(layout, device):
+    for dtype in dtypes_for(device) + ([torch.bfloat16] if device == "cpu" else []):
+        w = torch.randn(37, 29, device=device).to(dtype)
+        mask = torch.rand(37, 29, device=device) < 0.4
+        if layout == "transposed":
+            w, mask = w.t(), mask.t()
+        out = pp.ops.apply_mask(w, mask)
+        assert torch.equal(out, torch.where(mask, w, torch.zeros((), dtype=dtype, device=device)))
+    w = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(6, 5, device=device) < 0.5
+    assert torch.autograd.gradcheck(lambda w: pp.ops.apply_mask(w, mask), (w,))
+    torch.library.opcheck(torch.ops.pyprune.apply_mask.default, (w, mask))
+    with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
+        pp.ops.apply_mask(w, mask.double())
+    with pytest.raises(RuntimeError, match="mask must have weight's shape"):
+        pp.ops.apply_mask(w, mask[:3])

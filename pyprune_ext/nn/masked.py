@@ -123,6 +123,23 @@ class _MaskedMixin:
         """Fraction of weights pruned."""
         return 1.0 - self.density
 
+    def _adopt(self, dense: nn.Module, mask: Optional[Tensor]) -> "_MaskedMixin":
+        """Takes over a plain layer's Parameter objects (so an optimizer built on
+        them keeps working) and its training mode, then applies the mask."""
+        self.weight = dense.weight
+        self.bias = dense.bias
+        self.set_mask(torch.ones_like(dense.weight, dtype=torch.bool) if mask is None else mask)
+        self.train(dense.training)
+        return self
+
+    def _lend_to(self, plain: nn.Module) -> nn.Module:
+        """Gives a plain layer built on the meta device this module's Parameters,
+        zeroed at pruned positions first."""
+        self.apply_mask_()
+        plain.weight, plain.bias = self.weight, self.bias
+        plain.train(self.training)
+        return plain
+
     def __setstate__(self, state):  # copy.deepcopy and pickle: keep the new copy re-zeroed too
         super().__setstate__(state)
         _register(self)
@@ -148,14 +165,8 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None) -> "MaskedLinear":
         """Wraps an existing nn.Linear, sharing its Parameter objects (an optimizer
         built on the original keeps working) and zeroing its pruned weights."""
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                     mask=torch.ones(linear.out_features, linear.in_features, dtype=torch.bool),
-                     device="meta")
-        module.weight = linear.weight
-        module.bias = linear.bias
-        module.set_mask(torch.ones_like(linear.weight, dtype=torch.bool) if mask is None else mask)
-        module.train(linear.training)
-        return module
+        shell = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        return shell._adopt(linear, mask)
 
     def _use_sparse(self, x: Tensor) -> bool:
         threshold = self.sparse_threshold
@@ -181,11 +192,8 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with zeros at pruned positions, sharing this module's
         Parameters (zeroed in place first)."""
-        self.apply_mask_()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
-        linear.train(self.training)
-        return linear
+        return self._lend_to(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                       device="meta"))
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -199,15 +207,10 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: Optional[Tensor] = None) -> "MaskedConv2d":
         """Wraps an existing nn.Conv2d, sharing its Parameter objects."""
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                     bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
-                     mask=torch.ones(conv.weight.shape, dtype=torch.bool))
-        module.weight = conv.weight
-        module.bias = conv.bias
-        module.set_mask(torch.ones_like(conv.weight, dtype=torch.bool) if mask is None else mask)
-        module.train(conv.training)
-        return module
+        shell = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        return shell._adopt(conv, mask)
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
@@ -222,13 +225,10 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
     def to_dense(self) -> nn.Conv2d:
         """A plain nn.Conv2d with zeros at pruned positions, sharing this module's Parameters."""
-        self.apply_mask_()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.groups,
-                         bias=self.bias is not None, padding_mode=self.padding_mode, device="meta")
-        conv.weight, conv.bias = self.weight, self.bias
-        conv.train(self.training)
-        return conv
+        return self._lend_to(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                                       padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                       bias=self.bias is not None, padding_mode=self.padding_mode,
+                                       device="meta"))
 
 
 _MASKED_FOR = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}

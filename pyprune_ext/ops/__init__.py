@@ -1,12 +1,12 @@
 """Typed wrappers, fake (meta) kernels and autograd for torch.ops.pyprune.*,
 one module per op family (the kernels live in csrc/)."""
 
-from .masked import (PackedMask, mask_pack, masked_conv2d, masked_linear,
+from .masked import (PackedMask, apply_mask, mask_pack, masked_conv2d, masked_linear,
                      sparse_masked_linear)
 from .taylor import (stats_dtype, taylor_channel_stats, taylor_channel_stats_,
                      taylor_weight_stats)
 
 __all__ = [
-    "PackedMask", "mask_pack", "masked_conv2d", "masked_linear", "sparse_masked_linear",
+    "PackedMask", "apply_mask", "mask_pack", "masked_conv2d", "masked_linear", "sparse_masked_linear",
     "stats_dtype", "taylor_channel_stats", "taylor_channel_stats_", "taylor_weight_stats",
 ]

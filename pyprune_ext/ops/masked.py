@@ -40,6 +40,12 @@ def mask_pack(mask: Tensor) -> PackedMask:
     return PackedMask(*torch.ops.pyprune.mask_pack.default(mask))
 
 
+def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
+    """``weight`` with zeros where ``mask`` (bool, same shape) is False, in one pass;
+    its gradient is the incoming gradient masked the same way."""
+    return torch.ops.pyprune.apply_mask.default(weight, mask)
+
+
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ (weight * mask)^T + bias`` for x of shape (..., in); mask is bool of
     weight's shape [out, in]. Pruned weights get exactly zero gradient."""
@@ -65,7 +71,15 @@ def sparse_masked_linear(x: Tensor, weight: Tensor, packed: PackedMask,
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels (the dense-masked ops are composite: they need none).
+# Fake kernels (masked_linear / masked_conv2d are composite: they need none).
+
+
+@torch.library.register_fake("pyprune::apply_mask")
+def _apply_mask_fake(weight, mask):
+    torch._check(mask.dtype == torch.bool, lambda: f"apply_mask: mask must be a bool tensor, got {mask.dtype}")
+    torch._check(mask.shape == weight.shape,
+                 lambda: f"apply_mask: mask must have weight's shape {list(weight.shape)}, got {list(mask.shape)}")
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pyprune::mask_pack")
@@ -109,7 +123,21 @@ def _grad_weight_fake(grad_y, x, weight, row_ptr, col_idx):
 
 
 # ---------------------------------------------------------------------------
-# Autograd of the sparse path.
+# Autograd.
+
+
+def _apply_mask_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _apply_mask_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.pyprune.apply_mask.default(grad, mask), None
+
+
+torch.library.register_autograd("pyprune::apply_mask", _apply_mask_backward, setup_context=_apply_mask_setup)
+
+
 
 
 def _sparse_setup(ctx, inputs, output):

@@ -12,6 +12,9 @@ namespace pyprune {
 void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& mask, const std::optional<at::Tensor>& bias);
 
+// mask: bool, weight's shape and device.
+void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
+
 // Validates one compressed index of a packed mask (see mask_pack) against a
 // weight [out, in]: CSR (row_ptr, col_idx) when rows_first, else CSC (col_ptr,
 // row_idx). Reads the indices (a device sync on CUDA).
