@@ -88,9 +88,7 @@ def write_build_config(with_cuda: bool, archs: str) -> None:
 
 def make_extension():
     with_cuda = cuda_build_wanted()
-    sources = (["csrc/ops.cpp", "csrc/python_module.cpp"]
-               + sorted(glob.glob("csrc/*_common.cpp"))
-               + sorted(glob.glob("csrc/cpu/*.cpp")))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]
     if not with_cuda:

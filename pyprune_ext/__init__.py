@@ -43,8 +43,9 @@ def _load_extension() -> None:
 _load_extension()
 
 from . import nn, ops  # noqa: E402
-from .ops import (masked_conv2d, masked_linear, mask_pack, sparse_masked_linear,  # noqa: E402
-                  taylor_channel_stats, taylor_channel_stats_, taylor_weight_stats)
+from .ops import (apply_mask, masked_conv2d, masked_linear, mask_pack,  # noqa: E402
+                  sparse_masked_linear, taylor_channel_stats, taylor_channel_stats_,
+                  taylor_weight_stats)
 
 
 def build_info() -> dict:
@@ -65,6 +66,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "apply_mask",
     "build_info",
     "mask_pack",
     "masked_conv2d",

@@ -126,16 +126,8 @@ def _grad_weight_fake(grad_y, x, weight, row_ptr, col_idx):
 # Autograd.
 
 
-def _apply_mask_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+# apply_mask: autograd registered in C++ (csrc/masked_autograd.cpp).
 
-
-def _apply_mask_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    return torch.ops.pyprune.apply_mask.default(grad, mask), None
-
-
-torch.library.register_autograd("pyprune::apply_mask", _apply_mask_backward, setup_context=_apply_mask_setup)
 
 
 
