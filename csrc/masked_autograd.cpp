@@ -2,20 +2,14 @@
 // and a Python-registered autograd formula measured ~40 us per forward+backward
 // on small layers (LeNet-size), more than the layer itself. Also gives C++ users
 // of the CMake library a differentiable masked path.
+#include <pyprune/masked.h>
+
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 namespace pyprune {
 namespace {
-
-at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyprune::apply_mask", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(weight, mask);
-}
 
 class ApplyMask : public torch::autograd::Function<ApplyMask> {
  public:

@@ -44,6 +44,13 @@ void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
               weight.device(), "), got ", mask.device());
 }
 
+at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyprune::apply_mask", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(weight, mask);
+}
+
 void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
                          const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
                          const char* idx_name) {
@@ -83,13 +90,6 @@ void check_packed_index(const char* op, const at::Tensor& weight, const at::Tens
 
 namespace {
 
-at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyprune::apply_mask", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(weight, mask);
-}
-
 // Any device: ATen's where (the CPU has a faster kernel in csrc/cpu).
 at::Tensor apply_mask_generic(const at::Tensor& weight, const at::Tensor& mask) {
   check_apply_mask(weight, mask);
@@ -103,7 +103,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   check_masked_args(op, x, weight, mask, bias);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must be in_features = ",
               weight.size(1), ", got x of shape ", x.sizes());
-  return at::linear(x, masked_weight(weight, mask), bias);
+  return at::linear(x, call_apply_mask(weight, mask), bias);
 }
 
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
@@ -118,7 +118,7 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK((x.dim() == 3 || x.dim() == 4) && x.size(-3) == weight.size(1) * groups, op,
               ": x must be [N, C, H, W] or [C, H, W] with C = ", weight.size(1) * groups,
               " channels, got ", x.sizes());
-  return at::conv2d(x, masked_weight(weight, mask), bias, stride, padding, dilation, groups);
+  return at::conv2d(x, call_apply_mask(weight, mask), bias, stride, padding, dilation, groups);
 }
 
 // CSR and CSC index structure of a 2-d bool mask, with ATen ops only, so the

@@ -12,6 +12,9 @@ namespace pyprune {
 void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& mask, const std::optional<at::Tensor>& bias);
 
+// pyprune::apply_mask through the dispatcher (so autograd sees it).
+at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
+
 // mask: bool, weight's shape and device.
 void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
 
