@@ -115,11 +115,6 @@ void planar_tile(const TaylorStatsPlan& plan, int64_t n0, int64_t n1,
 // (narrow blocks made the prefetcher fetch lines belonging to other tiles).
 constexpr int64_t kInterleavedBlock = 4096;
 
-// The row helpers below are element-wise across channels (no reduction inside
-// the loop), so plain loops vectorise under -O3 for any instruction set; they
-// measured twice as fast here as ATen's portable Vectorized fallback, which is
-// what an extension built without -mavx2 gets.
-
 // s[i] += a[i] * g[i] for one row of `width` channels. Element-wise across
 // channels, so the loop vectorises under -O3 for any instruction set.
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
