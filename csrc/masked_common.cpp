@@ -11,6 +11,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace pyprune {
 
 void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -49,6 +51,30 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
                              .findSchemaOrThrow("pyprune::apply_mask", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   return op.call(weight, mask);
+}
+
+at::Tensor batch_last(const at::Tensor& x, int64_t features) {
+  return x.reshape({-1, features}).t().contiguous();
+}
+
+at::Tensor from_batch_last(const at::Tensor& rows, const at::Tensor& like, int64_t last) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  shape.back() = last;
+  return rows.t().contiguous().view(shape);
+}
+
+void check_sparse_forward_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  const int64_t out_f = weight.size(0), in_f = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_f, op, ": x's last dim must be in_features = ", in_f,
+              ", got x of shape ", x.sizes());
+  TORCH_CHECK(x.device() == weight.device() && x.scalar_type() == weight.scalar_type(), op,
+              ": x must match weight's dtype and device");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f && bias->scalar_type() == weight.scalar_type() &&
+                    bias->device() == weight.device(),
+                op, ": bias must be [", out_f, "] of weight's dtype and device, got ", bias->sizes());
+  }
 }
 
 void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,

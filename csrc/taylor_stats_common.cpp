@@ -151,7 +151,7 @@ TaylorStatsPlan plan_weight_stats(const at::Tensor& w, const at::Tensor& g_w) {
   align_layouts(plan.a, plan.g);
   // One output filter must be a dense block of its numel elements, starting
   // at c * stride(0); true for contiguous and channels-last weights.
-  const int64_t per_channel = w.dim() == 0 ? 1 : w.numel() / std::max<int64_t>(w.size(0), 1);
+  const int64_t per_channel = w.numel() / std::max<int64_t>(w.size(0), 1);
   const bool filter_blocks =
       plan.a.is_contiguous() || plan.a.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       plan.a.is_contiguous(at::MemoryFormat::ChannelsLast3d);

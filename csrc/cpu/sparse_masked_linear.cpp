@@ -103,11 +103,6 @@ void check_cpu_dtype(const char* op, const at::Tensor& weight) {
               ": the CPU sparse path supports float32 and float64, got ", weight.scalar_type());
 }
 
-// x [..., in] -> x^T [in, M], contiguous.
-at::Tensor batch_last(const at::Tensor& x, int64_t features) {
-  return x.reshape({-1, features}).t().contiguous();
-}
-
 at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                     const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                     const at::Tensor& col_ptr, const at::Tensor& row_idx,
@@ -117,15 +112,8 @@ at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
   // The CSC half is only used by grad_input, which validates it there.
   check_packed_shapes(op, weight, col_ptr, row_idx, weight.size(1) + 1, "col_ptr", "row_idx");
   check_cpu_dtype(op, weight);
+  check_sparse_forward_args(op, x, weight, bias);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_f, op, ": x's last dim must be in_features = ", in_f,
-              ", got x of shape ", x.sizes());
-  TORCH_CHECK(x.device() == weight.device() && x.scalar_type() == weight.scalar_type(), op,
-              ": x must match weight's dtype and device");
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f && bias->scalar_type() == weight.scalar_type(),
-                op, ": bias must be [", out_f, "] of weight's dtype, got ", bias->sizes());
-  }
   const at::Tensor xt = batch_last(x, in_f);
   const int64_t M = xt.size(1);
   const at::Tensor w = weight.contiguous();
@@ -139,9 +127,7 @@ at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
                        w.const_data_ptr<scalar_t>(), in_f, 1);
     });
   });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_f;
-  return yt.t().contiguous().view(shape);
+  return from_batch_last(yt, x, out_f);
 }
 
 at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
@@ -163,9 +149,7 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
                        w.const_data_ptr<scalar_t>(), 1, in_f);
     });
   });
-  std::vector<int64_t> shape(grad_y.sizes().begin(), grad_y.sizes().end());
-  shape.back() = in_f;
-  return gxt.t().contiguous().view(shape);
+  return from_batch_last(gxt, grad_y, in_f);
 }
 
 at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,

@@ -90,21 +90,11 @@ void check_cuda_args(const char* op, const at::Tensor& weight, const at::Tensor&
               ": inputs must match weight's dtype and device");
 }
 
-at::Tensor batch_last(const at::Tensor& x, int64_t features) {
-  return x.reshape({-1, features}).t().contiguous();
-}
-
 dim3 grid_for(int64_t rows, int64_t M, const char* op) {
   const int64_t chunks = (M + kThreads - 1) / kThreads;
   TORCH_CHECK(chunks <= 65535 && rows < (int64_t(1) << 31), op, ": batch of ", M,
               " rows is too large for one launch");
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(std::max<int64_t>(chunks, 1)));
-}
-
-at::Tensor with_last_dim(const at::Tensor& t_rows, const at::Tensor& like, int64_t last) {
-  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
-  shape.back() = last;
-  return t_rows.t().contiguous().view(shape);
 }
 
 at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -115,13 +105,9 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   check_packed_shapes(op, weight, row_ptr, col_idx, out_f + 1, "row_ptr", "col_idx");
   check_packed_shapes(op, weight, col_ptr, row_idx, in_f + 1, "col_ptr", "row_idx");
+  check_sparse_forward_args(op, x, weight, bias);
   check_cuda_args(op, weight, x, in_f);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f && bias->scalar_type() == weight.scalar_type() &&
-                    bias->device() == weight.device(),
-                op, ": bias must be [", out_f, "] of weight's dtype and device");
-  }
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor xt = batch_last(x, in_f);
   const int64_t M = xt.size(1);
@@ -137,7 +123,7 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return with_last_dim(yt, x, out_f);
+  return from_batch_last(yt, x, out_f);
 }
 
 at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& col_ptr,
@@ -159,7 +145,7 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return with_last_dim(gxt, grad_y, in_f);
+  return from_batch_last(gxt, grad_y, in_f);
 }
 
 at::Tensor grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,

@@ -29,4 +29,14 @@ void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Ten
                          const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
                          const char* idx_name);
 
+// The sparse kernels' batch-last layout: x [..., features] -> x^T [features, M],
+// contiguous (M = all leading dims), and back: rows [last, M] -> [..., last]
+// with like's leading dims.
+at::Tensor batch_last(const at::Tensor& x, int64_t features);
+at::Tensor from_batch_last(const at::Tensor& rows, const at::Tensor& like, int64_t last);
+
+// sparse_masked_linear's x and bias against a weight [out, in] (both backends).
+void check_sparse_forward_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias);
+
 }  // namespace pyprune
