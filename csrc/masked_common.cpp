@@ -1,10 +1,13 @@
-// Masked linear / conv2d: argument checks, the dense-masked path, and the
-// packing of a mask into index structures for the sparse path.
+// Masked layers: argument checks, masked_conv2d, and the packing of a mask
+// into index structures for the sparse path (masked_linear has its own file).
 //
-// The dense-masked path is registered as CompositeImplicitAutograd: it is
-// linear/conv2d on apply_mask(weight, mask), whose gradient is the masked
-// incoming gradient (pyprune_ext/ops/masked.py), so grad_weight has exact zeros
-// at pruned positions. It serves every device and dtype torch's own GEMM serves.
+// masked_conv2d is registered as CompositeImplicitAutograd: conv2d on
+// apply_mask(weight, mask), whose gradient is the masked incoming gradient
+// (csrc/masked_autograd.cpp), so grad_weight has exact zeros at pruned
+// positions. It serves every device and dtype torch's convolution serves. The
+// masked filter bank is built whole: conv weights are small next to their
+// activations, and splitting a convolution by output channels would cost an
+// extra copy of the (much larger) output.
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
@@ -122,16 +125,6 @@ at::Tensor apply_mask_generic(const at::Tensor& weight, const at::Tensor& mask) 
   return at::where(mask, weight, 0);
 }
 
-at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                         const std::optional<at::Tensor>& bias) {
-  const char* op = "masked_linear";
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-d [out, in], got ", weight.sizes());
-  check_masked_args(op, x, weight, mask, bias);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must be in_features = ",
-              weight.size(1), ", got x of shape ", x.sizes());
-  return at::linear(x, call_apply_mask(weight, mask), bias);
-}
-
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -169,7 +162,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mask_pack(const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, CompositeImplicitAutograd, m) {
-  m.impl("masked_linear", &masked_linear);
   m.impl("masked_conv2d", &masked_conv2d);
 }
 

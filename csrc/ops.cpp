@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <pyprune/masked.h>
+
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
 #else
@@ -68,6 +70,12 @@ TORCH_LIBRARY(pyprune, m) {
   m.def("apply_mask(Tensor weight, Tensor mask) -> Tensor", tags);
   m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor",
         tags);
+  // masked_linear's backward: grad_y @ (weight * mask) and (grad_y^T x) * mask.
+  m.def("masked_linear_grad_input(Tensor grad_y, Tensor weight, Tensor mask) -> Tensor", tags);
+  m.def("masked_linear_grad_weight(Tensor grad_y, Tensor x, Tensor mask) -> Tensor", tags);
+  // Block size (bytes) of masked_linear's CPU path: sets it when bytes > 0,
+  // returns the previous value. For tests and benchmarks.
+  m.def("_masked_tile_bytes(int bytes=0) -> int", &pyprune::masked_tile_bytes);
   m.def(
       "masked_conv2d(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None, "
       "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",

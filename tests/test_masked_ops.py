@@ -87,6 +87,66 @@ def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
             torch.testing.assert_close(got.grad, want.grad)
 
 
+@pytest.fixture
+def row_blocks():
+    """masked_linear's CPU path with blocks of a few weight rows, so small test
+    layers run the blocked code (3 blocks of 7, 7 and 3 rows for 17 x 33 fp64)."""
+    previous = pp.ops.masked_tile_bytes(7 * 33 * 8)
+    yield
+    pp.ops.masked_tile_bytes(previous)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.0])
+@pytest.mark.parametrize("x_shape", [(33,), (5, 33), (2, 3, 33), (0, 33)])
+def test_masked_linear_row_blocks_match_reference(x_shape, density, row_blocks):
+    for dtype in (torch.float64, torch.float32):
+        w, mask, b = make_layer(17, 33, density, dtype, "cpu")
+        x = torch.randn(x_shape, dtype=torch.float64).to(dtype)
+        for bias in (b, None):
+            got = pp.masked_linear(x, w, mask, bias)
+            want = reference_linear(x, w, mask, bias)
+            assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+            if want.numel():
+                assert_close_rel(got, want, dtype)
+
+
+def test_masked_linear_row_blocks_gradients(row_blocks):
+    w, mask, b = make_layer(17, 33, 0.3, torch.float64, "cpu", seed=3)
+    x = torch.randn(2, 4, 33, dtype=torch.float64)
+    args = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(lambda x, w, b: pp.masked_linear(x, w, mask, b), args)
+    pp.masked_linear(*args[:2], mask, args[2]).pow(2).sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    F.linear(ref[0], ref[1] * mask, ref[2]).pow(2).sum().backward()
+    for got, want in zip(args, ref):
+        torch.testing.assert_close(got.grad, want.grad)
+    assert (args[1].grad[~mask] == 0).all()
+    torch.library.opcheck(torch.ops.pyprune.masked_linear.default, (x, w.requires_grad_(), mask, b))
+
+
+def test_masked_linear_gradient_ops_match_reference(device):
+    for dtype in dtypes_for(device):
+        w, mask, _ = make_layer(9, 13, 0.4, dtype, device, seed=4)
+        x = torch.randn(2, 5, 13, dtype=torch.float64).to(device, dtype)
+        gy = torch.randn(2, 5, 9, dtype=torch.float64).to(device, dtype)
+        gx = torch.ops.pyprune.masked_linear_grad_input.default(gy, w, mask)
+        gw = torch.ops.pyprune.masked_linear_grad_weight.default(gy, x, mask)
+        assert_close_rel(gx, gy.double() @ (w.double() * mask), dtype)
+        assert_close_rel(gw, (gy.double().reshape(-1, 9).T @ x.double().reshape(-1, 13)) * mask, dtype)
+        assert (gw[~mask] == 0).all()
+        torch.library.opcheck(torch.ops.pyprune.masked_linear_grad_input.default, (gy, w, mask))
+        torch.library.opcheck(torch.ops.pyprune.masked_linear_grad_weight.default, (gy, x, mask))
+
+
+def test_masked_tile_bytes_roundtrip():
+    previous = pp.ops.masked_tile_bytes(12345)
+    try:
+        assert pp.ops.masked_tile_bytes() == 12345
+    finally:
+        pp.ops.masked_tile_bytes(previous)
+    assert pp.ops.masked_tile_bytes() == previous > 0
+
+
 CONV_CASES = [
     dict(in_c=4, out_c=6, k=3, stride=1, padding=1, dilation=1, groups=1),
     dict(in_c=4, out_c=8, k=3, stride=2, padding=0, dilation=2, groups=2),

@@ -70,8 +70,15 @@ def sparse_masked_linear(x: Tensor, weight: Tensor, packed: PackedMask,
     return torch.ops.pyprune.sparse_masked_linear.default(x, weight, *packed, bias)
 
 
+def masked_tile_bytes(bytes: int = 0) -> int:
+    """Block size in bytes of ``masked_linear``'s CPU path (weights larger than
+    this are masked one block of rows at a time, never as one full-size
+    temporary). Sets it when ``bytes > 0``; returns the previous value."""
+    return torch.ops.pyprune._masked_tile_bytes.default(bytes)
+
+
 # ---------------------------------------------------------------------------
-# Fake kernels (masked_linear / masked_conv2d are composite: they need none).
+# Fake kernels (masked_conv2d is composite: it needs none).
 
 
 @torch.library.register_fake("pyprune::apply_mask")
@@ -80,6 +87,39 @@ def _apply_mask_fake(weight, mask):
     torch._check(mask.shape == weight.shape,
                  lambda: f"apply_mask: mask must have weight's shape {list(weight.shape)}, got {list(mask.shape)}")
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _check_masked_linear_fake(op, x, weight, mask, bias):
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-d [out, in], got {list(weight.shape)}")
+    torch._check(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor, got {mask.dtype}")
+    torch._check(mask.shape == weight.shape,
+                 lambda: f"{op}: mask must have weight's shape {list(weight.shape)}, got {list(mask.shape)}")
+    torch._check(x.dtype == weight.dtype, lambda: f"{op}: x and weight must have the same dtype")
+    torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                 lambda: f"{op}: x's last dim must be in_features = {weight.shape[1]}, got x of shape {list(x.shape)}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+
+
+@torch.library.register_fake("pyprune::masked_linear")
+def _masked_linear_fake(x, weight, mask, bias=None):
+    _check_masked_linear_fake("masked_linear", x, weight, mask, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("pyprune::masked_linear_grad_input")
+def _masked_linear_grad_input_fake(grad_y, weight, mask):
+    torch._check(grad_y.dim() >= 1 and grad_y.shape[-1] == weight.shape[0],
+                 lambda: f"masked_linear_grad_input: grad_y's last dim must be out_features = {weight.shape[0]}")
+    return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("pyprune::masked_linear_grad_weight")
+def _masked_linear_grad_weight_fake(grad_y, x, mask):
+    torch._check(mask.dim() == 2 and grad_y.shape[-1] == mask.shape[0] and x.shape[-1] == mask.shape[1],
+                 lambda: "masked_linear_grad_weight: grad_y, x and mask shapes do not match")
+    return x.new_empty(mask.shape)
 
 
 @torch.library.register_fake("pyprune::mask_pack")
@@ -126,7 +166,8 @@ def _grad_weight_fake(grad_y, x, weight, row_ptr, col_idx):
 # Autograd.
 
 
-# apply_mask: autograd registered in C++ (csrc/masked_autograd.cpp).
+# apply_mask and masked_linear: autograd registered in C++
+# (csrc/masked_autograd.cpp, csrc/masked_linear.cpp).
 
 
 

@@ -39,4 +39,8 @@ at::Tensor from_batch_last(const at::Tensor& rows, const at::Tensor& like, int64
 void check_sparse_forward_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias);
 
+// Block size in bytes of masked_linear's CPU path (csrc/masked_linear.cpp):
+// sets it when bytes > 0 and returns the previous value.
+int64_t masked_tile_bytes(int64_t bytes);
+
 }  // namespace pyprune
