@@ -89,8 +89,8 @@ def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
 
 @pytest.fixture
 def row_blocks():
-    """masked_linear's CPU path with blocks of a few weight rows, so small test
-    layers run the blocked code (3 blocks of 7, 7 and 3 rows for 17 x 33 fp64)."""
+    """masked_linear's CPU kernels with blocks of a few weight rows / columns,
+    so small test layers run the blocked code (17 x 33 fp64: 4 blocks)."""
     previous = pp.ops.masked_tile_bytes(7 * 33 * 8)
     yield
     pp.ops.masked_tile_bytes(previous)

@@ -1,6 +1,7 @@
 // CPU kernel of apply_mask: out = mask ? weight : 0, one pass over weight and
 // the bool mask, vectorised (per instruction set for float/double).
 #include <pyprune/cpu_clones.h>
+#include <pyprune/cpu_masking.h>
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
@@ -28,12 +29,28 @@ C10_ALWAYS_INLINE void select_body(scalar_t* __restrict out, const scalar_t* __r
   for (int64_t i = 0; i < n; ++i) ob[i] = wb[i] & static_cast<bits_t>(-static_cast<bits_t>(m[i]));
 }
 
+template <typename scalar_t>
+C10_ALWAYS_INLINE void select_body_inplace(scalar_t* w, const bool* __restrict m, int64_t n) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+  bits_t* wb = reinterpret_cast<bits_t*>(w);
+  for (int64_t i = 0; i < n; ++i) wb[i] &= static_cast<bits_t>(-static_cast<bits_t>(m[i]));
+}
+
+}  // namespace
+
 PYPRUNE_CPU_CLONES void select_kept(float* out, const float* w, const bool* m, int64_t n) {
   select_body(out, w, m, n);
 }
 PYPRUNE_CPU_CLONES void select_kept(double* out, const double* w, const bool* m, int64_t n) {
   select_body(out, w, m, n);
 }
+PYPRUNE_CPU_CLONES void zero_pruned(float* w, const bool* m, int64_t n) { select_body_inplace(w, m, n); }
+PYPRUNE_CPU_CLONES void zero_pruned(double* w, const bool* m, int64_t n) { select_body_inplace(w, m, n); }
+
+namespace {
+
+// float16 / bfloat16: the same loop, not multi-versioned.
 template <typename scalar_t>
 void select_kept(scalar_t* out, const scalar_t* w, const bool* m, int64_t n) {
   select_body(out, w, m, n);

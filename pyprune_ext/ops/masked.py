@@ -3,8 +3,11 @@
 Two paths compute the same function, ``y = x @ (weight * mask)^T + bias``:
 
 * dense-masked (``masked_linear``, ``masked_conv2d``): torch's own GEMM /
-  convolution on ``weight * mask``; every device and dtype. Its gradient w.r.t.
-  ``weight`` is ``(grad_y^T x) * mask``: exactly zero at pruned positions.
+  convolution on the masked weight; every device and dtype. On the CPU,
+  ``masked_linear`` masks one block of the weight at a time right before the
+  GEMM reads it (no full-size masked copy per call; block size:
+  :func:`masked_tile_bytes`). Its gradient w.r.t. ``weight`` is
+  ``(grad_y^T x) * mask``: exactly zero at pruned positions.
 * sparse (``sparse_masked_linear``): the mask is packed once (``mask_pack``) into
   CSR and CSC index arrays; every call reads only the kept weights straight
   from the dense ``weight`` (so the values always follow the optimizer) and

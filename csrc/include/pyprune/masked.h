@@ -39,7 +39,21 @@ at::Tensor from_batch_last(const at::Tensor& rows, const at::Tensor& like, int64
 void check_sparse_forward_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias);
 
-// Block size in bytes of masked_linear's CPU path (csrc/masked_linear.cpp):
+// masked_linear (csrc/masked_linear.cpp): argument checks of the op and of its
+// two gradient ops, and the generic kernels that mask the whole weight at once.
+void check_masked_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& mask, const std::optional<at::Tensor>& bias);
+void check_masked_linear_grad_input_args(const at::Tensor& grad_y, const at::Tensor& weight,
+                                         const at::Tensor& mask);
+void check_masked_linear_grad_weight_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask);
+at::Tensor masked_linear_one_block(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                   const std::optional<at::Tensor>& bias);
+at::Tensor masked_linear_grad_input_one_block(const at::Tensor& grad_y, const at::Tensor& weight,
+                                              const at::Tensor& mask);
+at::Tensor masked_linear_grad_weight_one_block(const at::Tensor& grad_y, const at::Tensor& x,
+                                               const at::Tensor& mask);
+
+// Block size in bytes of masked_linear's CPU kernels (csrc/cpu/masked_linear.cpp):
 // sets it when bytes > 0 and returns the previous value.
 int64_t masked_tile_bytes(int64_t bytes);
 
