@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_SPEC=${PYPRUNE_TORCH_SPEC:-torch==2.14.1}
+# torchvision must be the release paired with that torch.
+TORCHVISION_SPEC=${PYPRUNE_TORCHVISION_SPEC:-torchvision==0.29.1}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
@@ -21,7 +23,8 @@ PY=.venv/bin/python
 
 echo "== installing $TORCH_SPEC and the test/benchmark dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
-"$PY" -m pip install -q "$TORCH_SPEC" numpy ninja pytest hypothesis expecttest
+"$PY" -m pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC" numpy ninja pytest hypothesis expecttest \
+  scikit-learn tqdm matplotlib
 
 stamp_file=build/setup-stamp
 stamp=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat;

@@ -1,0 +1,26 @@
+"""Structured pruning: which channels must go together, and removing them.
+
+``dependency_groups(model, example_inputs)`` traces the model (torch.fx, or by
+execution when fx cannot) and returns ``ChannelGroup``s: channels coupled by
+residual adds, concatenation, depthwise convs, flattening into a Linear, norm
+layers, ... Each group names its members (module axes), its gates (where
+Taylor scores are measured) and whether it can be pruned at all.
+``remove_channels`` rebuilds the affected layers smaller; ``zero_channels``
+masks the same channels in place (exactly equivalent for ``exact_masking``
+groups), for iterative pruning.
+"""
+
+from .groups import dependency_groups
+from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
+from .surgery import remove_channels, shrink_module, zero_channels
+
+__all__ = [
+    "ChannelGroup",
+    "Gate",
+    "GraphAnalysisWarning",
+    "Member",
+    "dependency_groups",
+    "remove_channels",
+    "shrink_module",
+    "zero_channels",
+]

@@ -1,0 +1,253 @@
+"""Walks a traced graph and couples channel elements (see ``layouts``).
+
+The walker keeps, for every node, the layout of its value (``Tracked``,
+``Untracked`` or a plain value) and applies one rule per op: module rules in
+``module_rules``, function/method rules in ``function_rules``. This file holds
+the shared helpers those rules use: taking a tensor's channels on a given dim,
+element-wise coupling with broadcasting, running reshaping ops on an index
+probe, and the unknown-op rule (block + warn).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .layouts import Elements, TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
+from .optable import describe
+from .structs import GraphAnalysisWarning
+from .trace import VALUE
+
+
+class Analyzer:
+    """One pass over a graph; results in ``elements``, ``gate_of``, ``first_seen``."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, ignored: set[str]):
+        self.model = model
+        self.graph = graph
+        self.ignored = ignored
+        self.elements = Elements()
+        self.values: dict[fx.Node, object] = {}
+        self._materialized: dict[tuple[int, int], np.ndarray] = {}
+        self.producer_ids: dict[str, np.ndarray] = {}
+        self.calls: dict[str, int] = {}
+        self.first_seen: dict[str, int] = {}
+        self.gate_of: dict[str, tuple[str, int]] = {}   # producer -> (gate module, channel dim)
+        self.attr_reads: list[tuple[str, str]] = []     # (get_attr target, node name)
+        self._warned: set[str] = set()
+
+    # -- driving ------------------------------------------------------------------------
+    def run(self) -> "Analyzer":
+        from .function_rules import visit_function
+        from .module_rules import visit_module
+
+        for node in self.graph.nodes:
+            meta = node.meta.get(VALUE)
+            if node.op == "placeholder":
+                value = self.untracked_like(meta, f"comes from the model input '{node.target}'")
+            elif node.op == "get_attr":
+                self.attr_reads.append((str(node.target), node.name))
+                value = self.untracked_like(meta, f"comes from the tensor attribute '{node.target}', "
+                                                  "not from a prunable layer")
+            elif node.op == "call_module":
+                value = visit_module(self, node)
+            elif node.op in ("call_function", "call_method"):
+                value = visit_function(self, node)
+            elif node.op == "output":
+                for layout in iter_layouts(self.resolve(node.args)):
+                    if isinstance(layout, Tracked):
+                        self.elements.block(layout.ids, "feeds the model output")
+                value = None
+            else:  # pragma: no cover - fx has no other node kinds
+                raise AssertionError(f"unexpected fx node kind {node.op}")
+            self.values[node] = value
+        return self
+
+    def resolve(self, arg):
+        """Node references replaced by their layouts/values."""
+        return fx.node.map_aggregate(arg, lambda a: self.values[a] if isinstance(a, fx.Node) else a)
+
+    # -- layouts from recorded values -------------------------------------------------
+    def untracked_like(self, meta, source: str):
+        """``meta`` with every tensor replaced by an Untracked of the same shape."""
+        if isinstance(meta, TensorMeta):
+            return Untracked(source, meta.shape)
+        if isinstance(meta, (list, tuple)) and not isinstance(meta, torch.Size):
+            items = [self.untracked_like(m, source) for m in meta]
+            return items if isinstance(meta, list) else tuple(items)
+        if isinstance(meta, dict):
+            return {k: self.untracked_like(v, source) for k, v in meta.items()}
+        return meta
+
+    def tracked_like(self, meta, dim: int, ids: np.ndarray):
+        """``meta`` with every tensor replaced by a Tracked (dim, ids) of its shape."""
+        if isinstance(meta, TensorMeta):
+            if dim >= len(meta.shape) or meta.shape[dim] != len(ids):
+                raise AssertionError(f"internal error: {len(ids)} channels on dim {dim} of {meta.shape}")
+            return Tracked(dim, ids, meta.shape)
+        if isinstance(meta, (list, tuple)) and not isinstance(meta, torch.Size):
+            items = [self.tracked_like(m, dim, ids) for m in meta]
+            return items if isinstance(meta, list) else tuple(items)
+        return meta
+
+    def passthrough(self, x, meta):
+        """The output carries the input's channels on the same dim (activations, pooling, ...)."""
+        if isinstance(x, Tracked):
+            return self.tracked_like(meta, x.dim, x.ids)
+        return self.untracked_like(meta, x.source if isinstance(x, Untracked) else "has no prunable channels")
+
+    # -- channels -----------------------------------------------------------------------
+    def channels_in(self, x, dim: int, consumer: str) -> np.ndarray:
+        """The elements of ``x`` along ``dim``, as a layer consuming them sees them.
+        Untracked tensors get fresh blocked elements (the same ones for every
+        consumer of that tensor); channels tracked on another dim get blocked."""
+        if isinstance(x, Tracked) and x.dim == dim:
+            return x.ids
+        if isinstance(x, Untracked):
+            return self.materialize(x, dim)
+        if isinstance(x, Tracked):
+            reason = (f"{consumer} uses dim {dim} as channels but the prunable channels are on dim {x.dim}")
+            self.elements.block(x.ids, reason)
+            return self.elements.new(x.shape[dim], blocked=reason)
+        raise TypeError(f"{consumer}: expected a tensor input, got {type(x).__name__}")
+
+    def materialize(self, x: Untracked, dim: int) -> np.ndarray:
+        key = (id(x), dim)
+        if key not in self._materialized:
+            self._materialized[key] = self.elements.new(x.shape[dim], blocked=x.source)
+        return self._materialized[key]
+
+    def produce(self, name: str, count: int, node: fx.Node, channel_dim: int) -> np.ndarray:
+        """The output channel elements of producer ``name`` (the same ones on every call)."""
+        if name not in self.producer_ids:
+            ids = self.elements.new(count)
+            self.elements.attach(name, "out", ids)
+            self.producer_ids[name] = ids
+        self.note_gate(name, node, channel_dim)
+        return self.producer_ids[name]
+
+    def note_gate(self, name: str, node: fx.Node, channel_dim: int) -> None:
+        """Where a producer's channels are observed: the BatchNorm that directly and
+        exclusively follows it (the paper's gate sits after BN), else its own output."""
+        users = list(node.users)
+        gate = (name, channel_dim)
+        if self.calls.get(name, 0) == 1 and len(users) == 1 and users[0].op == "call_module":
+            follower = users[0]
+            module = self.model.get_submodule(follower.target)
+            if (isinstance(module, nn.modules.batchnorm._BatchNorm) and follower.args
+                    and follower.args[0] is node and follower.target not in self.ignored):
+                gate = (follower.target, 1)
+        self.gate_of[name] = gate
+
+    # -- element-wise ops ---------------------------------------------------------------
+    def couple_elementwise(self, operands: list, out_shape: tuple[int, ...], what: str):
+        """Broadcasting element-wise op over ``operands`` (layouts or scalars).
+
+        Returns (output layout, kinds): kinds[i] is "full" (operand i carries the
+        output's channels), "broadcast" (a tensor of size 1 there) or "scalar".
+        All full operands are coupled position by position.
+        """
+        out_nd = len(out_shape)
+        od = None
+        for v in operands:
+            if isinstance(v, Tracked):
+                d = v.dim + out_nd - len(v.shape)
+                if v.shape[v.dim] == out_shape[d]:
+                    od = d
+                    break
+        kinds, ref = [], None
+        for v in operands:
+            if not is_tensor_layout(v):
+                kinds.append("scalar")
+                continue
+            bd = None if od is None else od - (out_nd - len(v.shape))
+            if bd is None or bd < 0 or (v.shape[bd] == 1 and out_shape[od] != 1):
+                if isinstance(v, Tracked):  # its channels are spread by broadcasting: cannot follow
+                    self.elements.block(v.ids, f"{what} broadcasts its channels against another dim")
+                kinds.append("broadcast")
+                continue
+            if isinstance(v, Tracked) and v.dim == bd:
+                ids = v.ids
+            else:
+                ids = self.channels_in(v, bd, what)
+            if ref is None:
+                ref = ids
+            else:
+                self.elements.union_arrays(ref, ids)
+            kinds.append("full")
+        if ref is None:
+            return Untracked(f"comes from {what}, whose channels could not be followed", out_shape), kinds
+        return Tracked(od, ref, out_shape), kinds
+
+    # -- reshaping ops on an index probe --------------------------------------------------
+    def run_on_probe(self, node: fx.Node, x: Tracked, args, kwargs, module: nn.Module | None = None,
+                     channels: int | None = None, call=None):
+        """Runs the node's op (or ``call``) with ``x`` replaced by a tensor holding
+        each position's channel index (other tensors hold -1) and returns its
+        output(s). With ``channels``, the probe has that many channels instead of x's."""
+        size = list(x.shape)
+        if channels is not None:
+            size[x.dim] = channels
+        view = [1] * len(size)
+        view[x.dim] = -1
+        probe = torch.arange(size[x.dim], dtype=torch.int64).view(view).expand(size).contiguous()
+
+        def substitute(a):
+            if a is x:
+                return probe
+            if is_tensor_layout(a):
+                return torch.full(a.shape, -1, dtype=torch.int64)
+            return a
+
+        call_args = fx.node.map_aggregate(args, substitute)
+        call_kwargs = fx.node.map_aggregate(kwargs, substitute)
+        if call is not None:
+            return call(*call_args, **call_kwargs)
+        if module is not None:
+            return module(*call_args, **call_kwargs)
+        if node.op == "call_method":
+            return getattr(call_args[0], node.target)(*call_args[1:], **call_kwargs)
+        return node.target(*call_args, **call_kwargs)
+
+    @staticmethod
+    def locate_channels(out: torch.Tensor):
+        """Where a probe output keeps the channels: ("tracked", dim, channel index per
+        position); ("constant",) when every position holds the same channel (one
+        channel: its dim cannot be seen in the values); ("untracked",) when it
+        holds no channel; None when the channels are spread over several dims or
+        mixed with other values."""
+        if out.numel() == 0:
+            return ("untracked",)
+        negative = out < 0
+        if bool(negative.all()):
+            return ("untracked",)
+        if bool(negative.any()):
+            return None
+        if bool((out == out.reshape(-1)[0]).all()):
+            return ("constant",)
+        for d in range(out.ndim):
+            index = [0] * out.ndim
+            index[d] = slice(None)
+            v = out[tuple(index)]
+            view = [1] * out.ndim
+            view[d] = -1
+            if torch.equal(out, v.reshape(view).expand_as(out)):
+                return ("tracked", d, v.clone())
+        return None
+
+    # -- what we cannot follow ----------------------------------------------------------
+    def unknown(self, node: fx.Node, inputs, meta, what: str | None = None):
+        """Blocks the channels of every tracked input, warns once, and returns an
+        untracked output: an op we do not understand is never treated as element-wise."""
+        what = what or f"unknown op {describe(node)} at node '{node.name}'"
+        for layout in iter_layouts(inputs):
+            if isinstance(layout, Tracked):
+                self.elements.block(layout.ids, what)
+        if node.name not in self._warned:
+            self._warned.add(node.name)
+            warnings.warn(f"dependency_groups: {what}: the channels flowing through it are marked unprunable",
+                          GraphAnalysisWarning, stacklevel=4)
+        return self.untracked_like(meta, f"comes from the output of {what}")

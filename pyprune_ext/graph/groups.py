@@ -1,0 +1,194 @@
+"""``dependency_groups``: trace, couple channels, bundle them into ChannelGroups."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Iterable
+
+from torch import nn
+
+from .analysis import Analyzer
+from .layouts import Elements
+from .layers import CONVS, LAYERNORMS, is_shrinkable
+from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
+from .trace import trace_model
+
+ROLE_ORDER = {"out": 0, "depthwise": 1, "norm": 2, "in": 3}
+
+
+def dependency_groups(model: nn.Module, example_inputs, ignore: Iterable[nn.Module] = ()) -> list[ChannelGroup]:
+    """The groups of channels of ``model`` that must be pruned together.
+
+    ``example_inputs``: a tensor, a tuple/list of forward arguments or a dict of
+    keyword arguments, on the model's device; it is run once in eval mode
+    without autograd (training flags and BatchNorm statistics are left as they
+    were). ``ignore``: modules whose output channels must not be pruned (an
+    ignored module that is not a Conv/Linear/norm layer is treated as opaque:
+    its inputs are not pruned either).
+
+    The model is traced with torch.fx; if that fails (data-dependent control
+    flow), it is traced by running it, with a ``GraphAnalysisWarning``. Ops the
+    analysis does not understand make the channels through them unprunable,
+    also with a warning. Groups come in graph order.
+    """
+    ignored_ids = _ignored_ids(model, ignore)
+    traced = trace_model(model, example_inputs, ignored_ids)
+    names = {id(m): n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    ignored = {names[i] for i in ignored_ids}
+    an = Analyzer(model, traced.graph, ignored).run()
+    _block_shared_weights(an, model)
+    if traced.by_execution:
+        _warn_unexecuted(model, an)
+    return bundle(an, model)
+
+
+def _ignored_ids(model: nn.Module, ignore: Iterable[nn.Module]) -> set[int]:
+    own = {id(m) for m in model.modules()}
+    ignored = set()
+    for module in ignore:
+        if not isinstance(module, nn.Module) or id(module) not in own:
+            raise ValueError(f"ignore: {type(module).__name__} is not a submodule of the model")
+        ignored.add(id(module))
+    return ignored
+
+
+def _block_shared_weights(an: Analyzer, model: nn.Module) -> None:
+    """Layers whose weights are also used elsewhere (read directly in forward, or
+    tied to another module) cannot be rebuilt on their own."""
+    members = {name for name, _, _ in an.elements.members}
+    for target, node_name in an.attr_reads:
+        for name in members:
+            if target.startswith(name + "."):
+                an.elements.block(an.elements.module_elements(name),
+                                  f"{target} is used directly at node '{node_name}'")
+    owners = defaultdict(set)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None:
+                owners[id(tensor)].add(id(module))
+    modules = dict(model.named_modules())
+    for name in members:
+        module = modules[name]
+        for pname, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and len(owners[id(tensor)]) > 1:
+                an.elements.block(an.elements.module_elements(name),
+                                  f"{name}.{pname} is shared with another module")
+                break
+
+
+def _warn_unexecuted(model: nn.Module, an: Analyzer) -> None:
+    missed = [name for name, m in model.named_modules() if is_shrinkable(m) and name not in an.calls]
+    if missed:
+        warnings.warn(
+            f"dependency_groups: the fallback tracer never saw {', '.join(missed[:8])}"
+            f"{' ...' if len(missed) > 8 else ''} run on the example input; they are in no group and are "
+            "never shrunk, so a code path that uses them may fail after pruning", GraphAnalysisWarning,
+            stacklevel=3)
+
+
+# -- bundling components into groups -----------------------------------------------------------
+def axis_length(module: nn.Module, role: str) -> int:
+    """Length of the module axis a member of ``role`` indexes."""
+    if role in ("out", "depthwise"):
+        return module.weight.shape[0]
+    if role == "in":
+        return module.in_channels if isinstance(module, CONVS) else module.in_features
+    if isinstance(module, LAYERNORMS):
+        return module.normalized_shape[-1]
+    return module.num_features
+
+
+def _consolidate(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted module positions of one channel -> (offset, span) members.
+    A run of ``span`` consecutive positions starting at a multiple of ``span``
+    is one channel of a flattened (C, H, W) input; anything else is listed
+    position by position (span 1), which is still exact."""
+    positions = sorted(positions)
+    runs, start = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            runs.append((positions[start], i - start))
+            start = i
+    out = []
+    for first, length in runs:
+        if first % length == 0:
+            out.append((first // length, length))
+        else:
+            out.extend((p, 1) for p in range(first, first + length))
+    return out
+
+
+def _components(el: Elements, order: dict[str, int]):
+    """root -> (signature, offsets): members sorted in a canonical order."""
+    raw = defaultdict(lambda: defaultdict(list))
+    for (name, role, position), e in el.members.items():
+        raw[el.find(e)][(name, role)].append(position)
+    result = {}
+    for root, by_axis in raw.items():
+        members = [(name, role, span, offset)
+                   for (name, role), positions in by_axis.items()
+                   for offset, span in _consolidate(positions)]
+        members.sort(key=lambda m: (order.get(m[0], len(order)), m[0], ROLE_ORDER[m[1]], m[2], m[3]))
+        result[root] = (tuple(m[:3] for m in members), tuple(m[3] for m in members))
+    return result
+
+
+def bundle(an: Analyzer, model: nn.Module) -> list[ChannelGroup]:
+    """Components with the same members at consecutive offsets become one group."""
+    el = an.elements
+    buckets = defaultdict(list)
+    for root, (signature, offsets) in _components(el, an.first_seen).items():
+        key = (signature, tuple(sorted(el.blocked.get(root, ()))), tuple(sorted(el.inexact.get(root, ()))))
+        buckets[key].append((offsets, root))
+    runs = []
+    for key, items in buckets.items():
+        items.sort()
+        start = 0
+        for i in range(1, len(items) + 1):
+            if i == len(items) or any(b != a + 1 for a, b in zip(items[i - 1][0], items[i][0])):
+                runs.append((min(root for _, root in items[start:i]), key, items[start:i]))
+                start = i
+    runs.sort(key=lambda r: r[0])
+    modules = dict(model.named_modules())
+    return [_make_group(an, modules, key, items) for _, key, items in runs]
+
+
+def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
+    (signature, blocked, inexact), offsets = key, items[0][0]
+    members = [Member(name, role, offset, span) for (name, role, span), offset in zip(signature, offsets)]
+    residual = any(root in an.elements.residual for _, root in items)
+    gates, bn = _gates(an, members)
+    return ChannelGroup(
+        size=len(items), members=members, gates=gates, bn=bn, prunable=not blocked,
+        reason="; ".join(blocked) or None, exact_masking=not inexact,
+        name=_group_name(members, residual, len(items), modules),
+        exact_reason="; ".join(inexact) or None,
+        extents=tuple(axis_length(modules[m.name], m.role) for m in members))
+
+
+def _gates(an: Analyzer, members: list[Member]) -> tuple[list[Gate], list[Member]]:
+    gates, bns = [], []
+    for m in members:
+        if m.role not in ("out", "depthwise") or m.name not in an.gate_of:
+            continue
+        gate_name, channel_dim = an.gate_of[m.name]
+        gates.append(Gate(gate_name, m.offset, channel_dim, producer=m.name))
+        if gate_name != m.name:
+            bns.append(Member(gate_name, "norm", m.offset))
+    return gates, bns
+
+
+def _group_name(members: list[Member], residual: bool, size: int, modules) -> str:
+    """The producer's name ("layer1.0.conv1", "conv[0:16]" for part of its channels),
+    "residual: a, b, c" for channels joined by adds, "inputs of: a, b" when no
+    layer produces them (model input, constants)."""
+    producers = [m for m in members if m.role == "out"] or [m for m in members if m.role == "depthwise"]
+    names = list(dict.fromkeys(m.name for m in producers))
+    if len(names) == 1:
+        m = producers[0]
+        whole = len(producers) == 1 and m.offset == 0 and size == axis_length(modules[m.name], m.role)
+        return m.name if whole else f"{m.name}[{m.offset}:{m.offset + size}]"
+    if names:
+        return ("residual: " if residual else "coupled: ") + ", ".join(names)
+    return "inputs of: " + ", ".join(dict.fromkeys(m.name for m in members))

@@ -1,0 +1,78 @@
+"""The records the dependency analysis hands out: members, gates, channel groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+class GraphAnalysisWarning(UserWarning):
+    """Issued when the analysis meets an op it does not understand (its channels
+    become unprunable) or has to fall back from torch.fx to execution tracing."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One module axis that a channel group runs through.
+
+    ``role``: ``"out"`` (Conv/Linear output channels: weight dim 0 and the bias),
+    ``"in"`` (Conv/Linear input channels: weight dim 1), ``"norm"`` (BatchNorm
+    channels, or the last normalized dim of a LayerNorm/RMSNorm) or
+    ``"depthwise"`` (a conv with groups == in_channels == out_channels: its
+    input, output and groups shrink together).
+
+    Group channel ``i`` is module channel ``offset + i``; with ``span > 1``
+    (a Linear after flattening (C, H, W): span = H*W) it is the module features
+    ``(offset + i) * span`` .. ``(offset + i + 1) * span - 1``.
+    """
+
+    name: str
+    role: str
+    offset: int
+    span: int = 1
+
+    def positions(self, channel: int) -> range:
+        """The module features (along this member's axis) of group channel ``channel``."""
+        start = (self.offset + channel) * self.span
+        return range(start, start + self.span)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Where a group's channels can be observed: output channels ``offset`` ..
+    ``offset + size - 1`` of module ``name``'s forward output, along
+    ``channel_dim`` (1 for (N, C, ...) conv/BatchNorm outputs, -1 for
+    Linear/LayerNorm outputs). ``producer`` is the conv/linear that computes
+    those channels (``name`` itself, or the conv a BatchNorm gate follows)."""
+
+    name: str
+    offset: int
+    channel_dim: int
+    producer: str = ""
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be removed together.
+
+    ``gates`` holds one gate per producer (each "out" and "depthwise" member):
+    the BatchNorm's output when a BatchNorm directly and exclusively follows the
+    producer, else the producer's own output. ``bn`` lists those BatchNorms.
+    ``exact_masking`` is False when zeroing the channels (``zero_channels``) does
+    not compute what removing them computes; ``exact_reason`` says why.
+    ``extents`` holds, per member, the length of the module axis when the
+    analysis ran; ``remove_channels`` uses it to reject stale groups.
+    """
+
+    size: int
+    members: list[Member]
+    gates: list[Gate]
+    bn: list[Member]
+    prunable: bool
+    reason: str | None
+    exact_masking: bool
+    name: str
+    exact_reason: str | None = None
+    extents: tuple[int, ...] = field(default=(), repr=False)
+
+    def members_with_role(self, *roles: str) -> list[Member]:
+        """The members whose role is one of ``roles``."""
+        return [m for m in self.members if m.role in roles]

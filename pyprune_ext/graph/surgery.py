@@ -1,0 +1,246 @@
+"""Physical channel removal (``remove_channels``) and its masked equivalent
+(``zero_channels``) for the groups ``dependency_groups`` returns."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .groups import axis_length
+from .layers import BATCHNORMS, CONVS, LAYERNORMS
+from .structs import ChannelGroup, Member
+
+SUPPORTED = {"out": CONVS + (nn.Linear,), "in": CONVS + (nn.Linear,), "depthwise": CONVS,
+             "norm": (BATCHNORMS,) + LAYERNORMS}
+
+
+# -- checking a plan --------------------------------------------------------------------------
+def _channel_index(value, group: ChannelGroup, what: str, allow_empty: bool) -> Tensor:
+    """``value`` as a sorted 1-D LongTensor of distinct channels of ``group``."""
+    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{what} must hold integer channel indices, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be a 1-D tensor of channel indices, got shape {list(t.shape)}")
+    t = t.detach().to("cpu", torch.int64)
+    if t.numel() == 0:
+        if allow_empty:
+            return t
+        raise ValueError(f"{what} keeps no channel: removing every channel of group '{group.name}' "
+                         "would leave its layers empty (keep at least one)")
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or high >= group.size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{what} has channel {bad}, outside 0..{group.size - 1} "
+                         f"(group '{group.name}' has {group.size} channels)")
+    t = torch.sort(t).values
+    repeated = t[1:][t[1:] == t[:-1]]
+    if repeated.numel():
+        raise ValueError(f"{what} lists channel {int(repeated[0])} more than once")
+    return t
+
+
+def _check_members(model: nn.Module, group: ChannelGroup, label: str) -> None:
+    """The group still matches the model: modules exist, have the supported type
+    and the axis lengths the analysis saw."""
+    for j, m in enumerate(group.members):
+        try:
+            module = model.get_submodule(m.name)
+        except AttributeError:
+            raise ValueError(f"{label}: the model has no submodule '{m.name}' (groups from another model?)") \
+                from None
+        if m.role not in SUPPORTED or not isinstance(module, SUPPORTED[m.role]):
+            raise ValueError(f"{label}: member {m} is not a supported layer/role ({type(module).__name__})")
+        length = axis_length(module, m.role)
+        expected = group.extents[j] if j < len(group.extents) else length
+        if length != expected or (m.offset + group.size) * m.span > length:
+            raise ValueError(
+                f"{label} is stale: {m.name} ({m.role}) has {length} channels but the analysis saw {expected}; "
+                "call dependency_groups again after remove_channels")
+
+
+def _checked_plan(model, groups, keep) -> list[tuple[int, ChannelGroup, Tensor]]:
+    if not isinstance(keep, Mapping):
+        raise ValueError(f"keep must map group indices to kept channels, got {type(keep).__name__}")
+    plan = []
+    for i, kept in keep.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(groups):
+            raise ValueError(f"keep has group index {i!r}, but there are {len(groups)} groups (0..{len(groups) - 1})")
+        group = groups[i]
+        label = f"group {i} ('{group.name}')"
+        if not group.prunable:
+            raise ValueError(f"{label} is not prunable: {group.reason}")
+        index = _channel_index(kept, group, f"keep[{i}]", allow_empty=False)
+        _check_members(model, group, label)
+        plan.append((i, group, index))
+    return plan
+
+
+def _positions(m: Member, channels: Tensor) -> Tensor:
+    """Module positions of group channels ``channels`` along member ``m``'s axis."""
+    base = (m.offset + channels) * m.span
+    return (base[:, None] + torch.arange(m.span)[None, :]).reshape(-1)
+
+
+def _axis_keeps(model, plan) -> dict[str, dict[str, Tensor]]:
+    """module name -> role -> bool mask of the kept positions; rejects groups that overlap."""
+    keeps: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    owner: dict[tuple[str, str], Tensor] = {}
+    for i, group, kept in plan:
+        everything = torch.arange(group.size)
+        dropped = everything[~torch.isin(everything, kept)]
+        for m in group.members:
+            length = axis_length(model.get_submodule(m.name), m.role)
+            owned = owner.setdefault((m.name, m.role), torch.full((length,), -1, dtype=torch.int64))
+            covered = _positions(m, everything)
+            clash = owned[covered]
+            if bool(((clash >= 0) & (clash != i)).any()):
+                other = int(clash[(clash >= 0) & (clash != i)][0])
+                raise ValueError(f"groups {other} and {i} both contain channels of {m.name} ({m.role}); "
+                                 "use the groups of a single dependency_groups call")
+            owned[covered] = i
+            if dropped.numel():
+                mask = keeps[m.name].setdefault(m.role, torch.ones(length, dtype=torch.bool))
+                mask[_positions(m, dropped)] = False
+    return keeps
+
+
+# -- rebuilding modules -------------------------------------------------------------------------
+def _clone(module: nn.Module) -> nn.Module:
+    """A shallow copy with its own parameter/buffer tables (hooks and other
+    attributes are shared with the original, which is dropped from the model)."""
+    new = copy.copy(module)
+    new.__dict__["_parameters"] = type(module._parameters)(module._parameters)
+    new.__dict__["_buffers"] = type(module._buffers)(module._buffers)
+    new.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    new.__dict__["_modules"] = type(module._modules)(module._modules)
+    return new
+
+
+def _select(t: Tensor, selections) -> Tensor:
+    out = t.detach()
+    for dim, index in selections:
+        out = out.index_select(dim, index.to(out.device))
+    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.dim() == ndim and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
+            out = out.contiguous(memory_format=fmt)
+    # unselected tensors (a bias when only input channels go) must not share
+    # storage with the discarded module's parameters
+    return out if selections else out.clone()
+
+
+def _selections(module: nn.Module, idx: dict[str, Tensor]):
+    """(selections for weight-shaped tensors, selections for per-channel vectors)."""
+    if isinstance(module, CONVS + (nn.Linear,)):
+        out = idx.get("depthwise", idx.get("out"))
+        weight = ([(0, out)] if out is not None else []) + ([(1, idx["in"])] if "in" in idx else [])
+        return weight, ([(0, out)] if out is not None else [])
+    if isinstance(module, BATCHNORMS):
+        return [(0, idx["norm"])], [(0, idx["norm"])]
+    last = len(module.normalized_shape) - 1
+    return [(last, idx["norm"])], [(last, idx["norm"])]
+
+
+def shrink_module(module: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``module`` (same type, dtype, device, training mode,
+    requires_grad) keeping the positions ``masks[role]`` marks along each axis."""
+    idx = {role: mask.nonzero().squeeze(1) for role, mask in masks.items()}
+    weight_sel, vector_sel = _selections(module, idx)
+    weight = getattr(module, "weight", None)
+    new = _clone(module)
+    for table in ("_parameters", "_buffers"):
+        for pname, t in getattr(module, table).items():
+            if t is None or pname == "num_batches_tracked":
+                continue
+            if pname in ("bias", "running_mean", "running_var"):
+                selections = vector_sel
+            elif pname == "weight" or (weight is not None and t.shape == weight.shape):
+                selections = weight_sel  # the weight, and weight-shaped state such as a mask
+            else:
+                raise ValueError(f"cannot shrink {type(module).__name__}: it holds '{pname}' of shape "
+                                 f"{list(t.shape)}, which is neither the weight nor a per-channel vector")
+            shrunk = _select(t, selections)
+            if table == "_parameters":
+                getattr(new, table)[pname] = nn.Parameter(shrunk, requires_grad=t.requires_grad)
+            else:
+                getattr(new, table)[pname] = shrunk
+    _update_sizes(new, idx)
+    from ..nn.masked import _MaskedMixin  # masked layers rebuild what they derive from the mask
+    if isinstance(new, _MaskedMixin):
+        new.set_mask(new.mask)
+    return new
+
+
+def _update_sizes(module: nn.Module, idx: dict[str, Tensor]) -> None:
+    if isinstance(module, CONVS):
+        if "depthwise" in idx:
+            module.in_channels = module.out_channels = module.groups = len(idx["depthwise"])
+        if "out" in idx:
+            module.out_channels = len(idx["out"])
+        if "in" in idx:
+            module.in_channels = len(idx["in"])
+    elif isinstance(module, nn.Linear):
+        if "out" in idx:
+            module.out_features = len(idx["out"])
+        if "in" in idx:
+            module.in_features = len(idx["in"])
+    elif isinstance(module, BATCHNORMS):
+        module.num_features = len(idx["norm"])
+    else:
+        module.normalized_shape = tuple(module.normalized_shape[:-1]) + (len(idx["norm"]),)
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Puts ``new`` wherever ``old`` is registered in ``model`` (all aliases)."""
+    names = [name for name, m in model.named_modules(remove_duplicate=False) if m is old and name]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+
+def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: Mapping[int, Tensor]) -> nn.Module:
+    """Removes channels for real: ``keep[i]`` lists the channels of ``groups[i]``
+    to keep (groups not in ``keep`` are unchanged).
+
+    Every affected Conv/Linear/BatchNorm/LayerNorm is replaced, in place, by a
+    smaller module of the same type holding the kept weights, biases and
+    running statistics (same dtype/device/requires_grad/training mode; a
+    MaskedConv2d/MaskedLinear keeps its mask). The whole plan is checked before
+    anything changes: ValueError for an index or channel out of range, repeated
+    channels, an empty keep, an unprunable group, overlapping or stale groups.
+    Old groups are stale afterwards: call ``dependency_groups`` again. Returns
+    ``model``. Optimizers built on the old parameters must be rebuilt.
+    """
+    plan = _checked_plan(model, groups, keep)
+    keeps = _axis_keeps(model, plan)
+    for name, masks in keeps.items():
+        old = model.get_submodule(name)
+        _replace(model, old, shrink_module(old, masks))
+    return model
+
+
+@torch.no_grad()
+def zero_channels(model: nn.Module, group: ChannelGroup, channels) -> None:
+    """Masks channels of ``group`` in place: zeroes the producers' weight rows and
+    biases, depthwise filters, and the norm members' weight/bias at those
+    channels. For ``group.exact_masking`` groups the model then computes exactly
+    what ``remove_channels`` would give (input-side weights need no change: they
+    only ever see zeros)."""
+    if not group.prunable:
+        raise ValueError(f"group '{group.name}' is not prunable: {group.reason}")
+    index = _channel_index(channels, group, "channels", allow_empty=True)
+    _check_members(model, group, f"group '{group.name}'")
+    for m in group.members:
+        if m.role == "in" or index.numel() == 0:
+            continue
+        module = model.get_submodule(m.name)
+        positions = _positions(m, index)
+        dim = len(module.normalized_shape) - 1 if isinstance(module, LAYERNORMS) else 0
+        for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
+            if tensor is not None:
+                tensor.index_fill_(dim, positions.to(tensor.device), 0)

@@ -1,0 +1,148 @@
+"""Tracing a model into a torch.fx graph whose nodes carry the values of one run.
+
+The analysis needs the graph (which op feeds which) and the shapes of one
+concrete run (flatten sizes, view arguments). ``torch.fx.symbolic_trace`` gives
+the graph; a ``torch.fx.Interpreter`` run on the example input records each
+node's value in ``node.meta["pyprune_value"]`` (tensors as ``TensorMeta``, other
+values as they are: ints, sizes, tuples). When fx cannot trace the model
+(data-dependent control flow), ``fallback.trace_by_execution`` builds the same
+kind of graph by running the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .layers import is_shrinkable
+from .layouts import TensorMeta
+from .structs import GraphAnalysisWarning
+
+VALUE = "pyprune_value"
+
+# Modules fx must not trace into: besides the layers we shrink (a MaskedConv2d's
+# forward calls custom ops, a BatchNorm's calls F.batch_norm), these reshape or
+# pass channels through.
+OPAQUE_OK = (nn.Flatten, nn.Unflatten, nn.Identity)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+@dataclass
+class Traced:
+    """A traced graph (each node's recorded value in ``node.meta[VALUE]``) and
+    how it was obtained."""
+
+    graph: fx.Graph
+    by_execution: bool
+
+
+def summarize(value):
+    """A run's value with tensors replaced by their shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        items = [summarize(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: summarize(v) for k, v in value.items()}
+    return value
+
+
+def leaf_predicate(ignored: set[int]):
+    """Whether a module is traced as one opaque node: ignored modules, the layers
+    the analysis knows, and torch.nn's own modules (fx's default rule)."""
+    default = fx.Tracer()
+
+    def is_leaf(module: nn.Module, qualname: str = "") -> bool:
+        if id(module) in ignored or is_shrinkable(module) or isinstance(module, OPAQUE_OK):
+            return True
+        if isinstance(module, CONTAINERS):  # never called themselves: look inside
+            return False
+        return default.is_leaf_module(module, qualname)
+
+    return is_leaf
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, is_leaf):
+        super().__init__()
+        self._is_leaf = is_leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self._is_leaf(m, module_qualified_name)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and stores every node's (summarized) value."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        n.meta[VALUE] = summarize(result)
+        return result
+
+
+def positional_inputs(model: nn.Module, example_inputs) -> tuple:
+    """``example_inputs`` as positional arguments of ``model.forward``: a tensor,
+    a tuple/list of arguments, or a dict of keyword arguments."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, dict):
+        bound = inspect.signature(model.forward).bind(**example_inputs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+    raise TypeError("example_inputs must be a tensor, a tuple/list of forward arguments or a dict of "
+                    f"keyword arguments, got {type(example_inputs).__name__}")
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module):
+    """Eval mode and no autograd while tracing: the example run must not update
+    BatchNorm running statistics; every module's training flag is restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def trace_with_fx(model: nn.Module, args: tuple, is_leaf) -> fx.Graph:
+    """symbolic_trace with our leaf rule, then one recorded run."""
+    tracer = _LeafTracer(is_leaf)
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph)
+    _Recorder(gm).run(*args)
+    return gm.graph
+
+
+def trace_model(model: nn.Module, example_inputs, ignored: set[int]) -> Traced:
+    """The model's graph with recorded values: torch.fx first, execution tracing
+    (with a warning) when fx fails."""
+    from .fallback import trace_by_execution
+
+    args = positional_inputs(model, example_inputs)
+    is_leaf = leaf_predicate(ignored)
+    with analysis_mode(model):
+        try:
+            return Traced(trace_with_fx(model, args, is_leaf), by_execution=False)
+        except Exception as fx_error:  # noqa: BLE001 - any fx failure means: try the fallback
+            reason = f"{type(fx_error).__name__}: {str(fx_error).splitlines()[0] if str(fx_error) else ''}"
+        try:
+            graph = trace_by_execution(model, args, is_leaf)
+        except Exception as run_error:
+            raise RuntimeError(f"dependency_groups: torch.fx could not trace {type(model).__name__} ({reason}) "
+                               f"and running it on the example input failed too: {run_error}") from run_error
+    warnings.warn(
+        f"dependency_groups: torch.fx could not trace {type(model).__name__} ({reason}); used the fallback "
+        "that traces by running the example input (forward hooks + TorchFunctionMode). Only the code path "
+        "this input takes is analysed.", GraphAnalysisWarning, stacklevel=3)
+    return Traced(graph, by_execution=True)

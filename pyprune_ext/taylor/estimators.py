@@ -1,0 +1,364 @@
+"""Taylor importance estimators: per-channel scores of the channel groups found
+by :mod:`pyprune_ext.graph`, accumulated over minibatches.
+
+Notation (REFERENCE.md section 1; Molchanov et al., CVPR 2019). A gate
+``z_c = 1`` multiplies channel ``c`` of a layer's output ``a``; with the
+minibatch's mean loss ``L``, ``g = dL/da`` and
+``s[n, c] = sum over h, w of g[n, c, h, w] * a[n, c, h, w]``:
+
+* the gate gradient is ``dL/dz_c = sum_n s[n, c]`` (``first`` of
+  ``taylor_channel_stats``), and
+* ``sum_n s[n, c] ** 2`` is its per-example second moment (``second``).
+
+Estimators (one score per channel and minibatch, averaged over the minibatches
+since the last pruning step):
+
+``fo_bn`` (default)
+    ``(gamma * dL/dgamma + beta * dL/dbeta) ** 2`` of the BatchNorm directly
+    after a producer: exactly ``(dL/dz_c) ** 2`` for a gate after BN, read from
+    the parameter gradients, so no activation is touched. Groups without such a
+    BatchNorm (e.g. Linear layers) use the ``fo_gate`` score instead.
+``fo_gate``
+    ``(sum_n s[n, c]) ** 2`` from the gate points' outputs and gradients (hooks
+    feeding ``taylor_channel_stats_``); any layer, (N, C, ...) or (N, L, C).
+``fo_fg``
+    ``sum_n s[n, c] ** 2``: the per-example ("full gradient") variant.
+``fo_weight``
+    ``(sum of w * dL/dw over the channel's filter and bias) ** 2``; with
+    ``square_then_sum=True``, ``sum of (w * dL/dw) ** 2``.
+``so_fisher``
+    Second order: ``(-dL/dz_c + H_cc / 2) ** 2``, the change of the loss when
+    ``z_c`` goes from 1 to 0 (``dz = -1``: ``dL = -g + H / 2``), with ``H`` the
+    empirical-Fisher estimate of the Hessian diagonal. For a mean loss
+    ``L = (1/B) sum_n l_n`` the per-example gradient is
+    ``dl_n/dz_c = B * s[n, c]``, and the Fisher diagonal of ``L`` is
+    ``(1/B) sum_n (dl_n/dz_c) ** 2 = B * sum_n s[n, c] ** 2``. So
+    ``H_cc = B * second``, ``B`` the minibatch size (dim 0 of the gate's output).
+
+A group's score is the sum of its members' scores (a residual stream's channel
+is removed from every layer that writes it). Channels already pruned score 0.
+
+Memory: a gate hook keeps a reference to the layer's output only until the
+backward pass reaches that output (autograd usually holds it anyway); nothing
+is stored when the forward runs without gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..ops import taylor_channel_stats, taylor_weight_stats
+
+CRITERIA = ("fo_bn", "fo_gate", "fo_fg", "fo_weight", "so_fisher")
+
+
+class GroupScores:
+    """Sums of per-minibatch scores of every group, and the minibatch count.
+
+    Kept as tensors so that a distributed run can all-reduce them."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device):
+        self.sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
+        self.minibatches = 0
+
+    def add(self, index: int, score: Tensor) -> None:
+        self.sums[index] += score.to(self.sums[index].dtype)
+
+    def means(self) -> list[Tensor]:
+        count = max(self.minibatches, 1)
+        return [s / count for s in self.sums]
+
+    def reset(self) -> None:
+        for s in self.sums:
+            s.zero_()
+        self.minibatches = 0
+
+
+class Estimator:
+    """Base class: ``attach`` installs hooks, ``end_minibatch`` adds what the
+    last backward pass left to ``scores`` (one score per channel of each group
+    in ``only``), ``detach`` removes everything."""
+
+    def __init__(self, model: nn.Module, groups: Sequence, scores: GroupScores, only: Sequence[int]):
+        self.model = model
+        self.groups = list(groups)
+        self.scores = scores
+        self.indices = list(only)
+        self._handles: list = []
+
+    def attach(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def end_minibatch(self) -> bool:
+        """Folds the last backward pass into the scores; False when there was none."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# Gate estimators: fo_gate, fo_fg, so_fisher.
+
+
+def _recompute_output(module: nn.Module, inputs: tuple) -> Tensor:
+    """The module's output again, from its inputs, without touching its state
+    (a BatchNorm in training mode normalises with the batch statistics)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        use_batch_stats = module.training or module.running_mean is None
+        return F.batch_norm(inputs[0], None if use_batch_stats else module.running_mean,
+                            None if use_batch_stats else module.running_var,
+                            module.weight, module.bias, use_batch_stats, 0.0, module.eps)
+    return module(*inputs)
+
+
+class _GatePoint:
+    """Accumulates taylor_channel_stats of one module's output over a backward pass."""
+
+    def __init__(self, module: nn.Module, name: str, channel_dim: int, channels: int, device):
+        self.module, self.name, self.channel_dim = module, name, channel_dim
+        dtype = torch.float64  # (C,) sums: cheap, and exact enough for any input dtype
+        self.first = torch.zeros(channels, dtype=dtype, device=device)
+        self.second = torch.zeros(channels, dtype=dtype, device=device)
+        self.batch = 0  # examples seen in this minibatch (for so_fisher's B)
+        self.seen = False
+
+    def forward_hook(self, module, inputs, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        # Detached aliases (same storage and version counter): the hook must not
+        # reference `output` itself, or output -> grad_fn -> hook -> output would
+        # be a cycle the garbage collector cannot break when no backward comes.
+        held = [output.detach()]
+        held_inputs = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+        version = output._version
+        input_versions = [t._version if isinstance(t, Tensor) else None for t in held_inputs]
+
+        def on_grad(grad: Tensor) -> None:
+            if not held:  # a second backward through a retained graph: counted once
+                return
+            activation = held.pop()
+            if activation._version != version:
+                # Modified in place after the forward (torchvision's `out += identity`,
+                # an inplace activation): the gradient is w.r.t. the values before
+                # that, so recompute them from the module's (unmodified) inputs.
+                if any(isinstance(t, Tensor) and t._version != v for t, v in zip(held_inputs, input_versions)):
+                    raise RuntimeError(
+                        f"Taylor gate at {self.name!r}: its output and its inputs were modified in place "
+                        "after the forward pass, so the activation cannot be recovered; use inplace=False "
+                        "there or the fo_bn / fo_weight criterion")
+                with torch.no_grad():
+                    activation = _recompute_output(module, tuple(held_inputs))
+            held_inputs.clear()
+            self._accumulate(activation, grad)
+
+        output.register_hook(on_grad)
+
+    def _accumulate(self, activation: Tensor, grad: Tensor) -> None:
+        first, second = taylor_channel_stats(activation, grad, self.channel_dim)
+        self.first += first.to(self.first.dtype)
+        self.second += second.to(self.second.dtype)
+        self.batch += activation.shape[0]
+        self.seen = True
+
+    def take(self) -> tuple[Tensor, Tensor, int]:
+        """This minibatch's sums, and resets them."""
+        out = (self.first.clone(), self.second.clone(), self.batch)
+        self.first.zero_()
+        self.second.zero_()
+        self.batch, self.seen = 0, False
+        return out
+
+
+def _gate_score(criterion: str) -> Callable[[Tensor, Tensor, int], Tensor]:
+    if criterion == "fo_gate":
+        return lambda first, second, batch: first.double() ** 2
+    if criterion == "fo_fg":
+        return lambda first, second, batch: second.double()
+    if criterion == "so_fisher":
+        return lambda first, second, batch: (-first.double() + 0.5 * batch * second.double()) ** 2
+    raise ValueError(criterion)
+
+
+class GateEstimator(Estimator):
+    """fo_gate / fo_fg / so_fisher: hooks at every group's gate points."""
+
+    def __init__(self, model, groups, scores, only, criterion: str = "fo_gate"):
+        super().__init__(model, groups, scores, only)
+        self.score = _gate_score(criterion)
+        device = scores.sums[0].device if scores.sums else torch.device("cpu")
+        self.points: dict[str, _GatePoint] = {}
+        modules = dict(model.named_modules())
+        for i in self.indices:
+            for gate in self.groups[i].gates:
+                if gate.name not in self.points:
+                    module = modules[gate.name]
+                    self.points[gate.name] = _GatePoint(module, gate.name, gate.channel_dim,
+                                                        _output_channels(module), device)
+
+    def attach(self) -> None:
+        for point in self.points.values():
+            self._handles.append(point.module.register_forward_hook(point.forward_hook))
+
+    def end_minibatch(self) -> bool:
+        if not any(p.seen for p in self.points.values()):
+            return False
+        taken = {name: p.take() for name, p in self.points.items()}
+        for i in self.indices:
+            group = self.groups[i]
+            total = torch.zeros(group.size, dtype=torch.float64, device=self.scores.sums[i].device)
+            for gate in group.gates:
+                first, second, batch = taken[gate.name]
+                window = slice(gate.offset, gate.offset + group.size)
+                total += self.score(first[window], second[window], batch)
+            self.scores.add(i, total)
+        return True
+
+
+def _output_channels(module: nn.Module) -> int:
+    for attr in ("out_channels", "out_features", "num_features"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    raise TypeError(f"cannot tell how many output channels {type(module).__name__} has")
+
+
+# ---------------------------------------------------------------------------
+# Parameter-gradient estimators: fo_bn and fo_weight.
+
+
+class _GradCapture:
+    """The gradient each backward pass gives a parameter (independent of
+    whether the user zeroes .grad between steps)."""
+
+    def __init__(self, param: Tensor):
+        self.param = param
+        self.grad: Tensor | None = None
+        self.handle = param.register_hook(self._store)
+
+    def _store(self, grad: Tensor) -> None:
+        self.grad = grad.detach().clone() if self.grad is None else self.grad + grad.detach()
+
+    def take(self) -> Tensor | None:
+        grad, self.grad = self.grad, None
+        return grad
+
+
+class ParamEstimator(Estimator):
+    """fo_bn (BatchNorm gamma/beta gradients) or fo_weight (filter gradients)."""
+
+    def __init__(self, model, groups, scores, only, criterion: str = "fo_bn", square_then_sum: bool = False):
+        super().__init__(model, groups, scores, only)
+        self.criterion, self.square_then_sum = criterion, square_then_sum
+        self.modules = dict(model.named_modules())
+        self.captures: dict[int, _GradCapture] = {}
+
+    def _members(self, group):
+        return group.bn if self.criterion == "fo_bn" else [m for m in group.members if m.role == "out"]
+
+    def attach(self) -> None:
+        for i in self.indices:
+            for member in self._members(self.groups[i]):
+                module = self.modules[member.name]
+                for param in (module.weight, module.bias):
+                    if param is not None and param.requires_grad and id(param) not in self.captures:
+                        self.captures[id(param)] = _GradCapture(param)
+        self._handles.extend(c.handle for c in self.captures.values())
+
+    def detach(self) -> None:
+        super().detach()
+        self.captures.clear()
+
+    def end_minibatch(self) -> bool:
+        grads = {key: c.take() for key, c in self.captures.items()}
+        if all(g is None for g in grads.values()):
+            return False
+        for i in self.indices:
+            group = self.groups[i]
+            total = torch.zeros(group.size, dtype=torch.float64, device=self.scores.sums[i].device)
+            for member in self._members(group):
+                total += self._member_score(member, group.size, grads)
+            self.scores.add(i, total)
+        return True
+
+    def _member_score(self, member, size: int, grads: dict) -> Tensor:
+        module = self.modules[member.name]
+        window = slice(member.offset, member.offset + size)
+        first = torch.zeros(size, dtype=torch.float64, device=module.weight.device)
+        second = torch.zeros_like(first)
+        for param in (module.weight, module.bias):
+            grad = grads.get(id(param)) if param is not None else None
+            if grad is None:
+                continue
+            w, g = param.detach()[window], grad[window]
+            if w.dim() == 1:  # bias, or a BatchNorm's gamma / beta: one value per channel
+                product = (w * g).double()
+                first += product
+                second += product ** 2
+            else:
+                f, s = taylor_weight_stats(w, g)
+                first += f.double()
+                second += s.double()
+        return second if self.square_then_sum else first ** 2
+
+
+class TaylorImportance:
+    """Scores every channel group with one criterion: the estimators it needs,
+    their hooks, and the per-group sums of per-minibatch scores.
+
+    Call :meth:`end_minibatch` after each backward pass; :meth:`means` gives the
+    mean score per channel over the minibatches since :meth:`reset`."""
+
+    def __init__(self, model: nn.Module, groups: Sequence, criterion: str = "fo_bn",
+                 square_then_sum: bool = False, device: torch.device | str | None = None):
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown Taylor criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.criterion = criterion
+        self.groups = list(groups)
+        self.scores = GroupScores([g.size for g in self.groups], torch.device(device))
+        everything = range(len(self.groups))
+        if criterion == "fo_bn":
+            modules = dict(model.named_modules())
+            affine = lambda g: g.bn and all(modules[m.name].weight is not None for m in g.bn)  # noqa: E731
+            with_bn = [i for i in everything if affine(self.groups[i])]
+            without = [i for i in everything if not affine(self.groups[i])]
+            self.parts: list[Estimator] = [ParamEstimator(model, groups, self.scores, with_bn, "fo_bn")]
+            if without:  # no BatchNorm after the producer: the gate score is the same quantity
+                self.parts.append(GateEstimator(model, groups, self.scores, without, "fo_gate"))
+        elif criterion == "fo_weight":
+            self.parts = [ParamEstimator(model, groups, self.scores, everything, "fo_weight", square_then_sum)]
+        else:
+            self.parts = [GateEstimator(model, groups, self.scores, everything, criterion)]
+
+    def attach(self) -> "TaylorImportance":
+        for part in self.parts:
+            part.attach()
+        return self
+
+    def detach(self) -> None:
+        for part in self.parts:
+            part.detach()
+
+    def end_minibatch(self) -> bool:
+        """Adds the last backward pass's scores; False when no backward pass
+        reached the hooks since the previous call (nothing is counted then)."""
+        seen = [part.end_minibatch() for part in self.parts]
+        if any(seen):
+            self.scores.minibatches += 1
+        return any(seen)
+
+    def means(self) -> list[Tensor]:
+        return self.scores.means()
+
+    def reset(self) -> None:
+        self.scores.reset()

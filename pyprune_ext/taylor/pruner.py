@@ -1,0 +1,403 @@
+"""TaylorPruner: iterative Taylor-importance channel pruning during training,
+then physical removal of the pruned channels.
+
+Usage, in the user's own training loop::
+
+    pruner = TaylorPruner(model, example_inputs, target=Target.flops(0.5))
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        pruner.step()            # scores this minibatch; prunes every `every` calls
+        optimizer.step()         # pruned channels are re-zeroed after every step
+        if pruner.done: ...      # target reached: fine-tune on
+    small = pruner.finalize()    # an ordinary nn.Module with fewer channels
+    print(pruner.report().format_table())
+
+Schedule (the paper's): every ``every`` minibatches, the ``prune_per_step``
+lowest-scored channels over all prunable groups (``scope="global"``) are
+masked: zeroed in place and kept at zero through optimizer steps (weights and
+optimizer state), until the target is reached. Scores are the mean over the
+minibatches since the previous pruning step, smoothed across steps by an
+exponential moving average (``momentum``). With ``scope="local"`` every group
+loses the same fraction of its live channels per step instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ..cost import ModelCost, count_cost
+from ..graph import dependency_groups, remove_channels
+from .estimators import TaylorImportance
+from .report import PruningReport, estimate_cost
+
+# Roles whose parameters hold the channel along dim 0 (always span 1: only an
+# "in" member of a Linear after a flatten spans several features).
+_ZEROED_ROLES = ("out", "norm", "depthwise")
+
+
+@dataclass(frozen=True)
+class Target:
+    """When pruning stops: ``channels`` removed (a count), or the fraction of
+    ``flops`` (multiply-accumulates) or ``params`` kept."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def flops(cls, keep: float) -> "Target":
+        return cls("flops", keep)
+
+    @classmethod
+    def params(cls, keep: float) -> "Target":
+        return cls("params", keep)
+
+    @classmethod
+    def channels(cls, removed: int) -> "Target":
+        return cls("channels", removed)
+
+    def __post_init__(self):
+        if self.kind not in ("flops", "params", "channels"):
+            raise ValueError(f"target kind must be 'flops', 'params' or 'channels', got {self.kind!r}")
+        if self.kind == "channels":
+            if self.value != int(self.value) or self.value < 1:
+                raise ValueError(f"a channels target is a number of channels to remove (>= 1), got {self.value}")
+        elif not 0.0 < self.value < 1.0:
+            raise ValueError(f"a {self.kind} target is the fraction kept, strictly between 0 and 1, "
+                             f"got {self.value}")
+
+
+def _as_target(target) -> Target:
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, bool) or target is None:
+        raise TypeError("target is required: Target.flops(keep), Target.params(keep) or Target.channels(n)")
+    if isinstance(target, int):
+        return Target.channels(target)
+    if isinstance(target, float):
+        return Target.flops(target)
+    raise TypeError(f"target must be a Target, an int (channels to remove) or a float (FLOPs fraction kept), "
+                    f"got {type(target).__name__}")
+
+
+@dataclass
+class PruneStep:
+    """What one pruning step removed."""
+
+    step: int                        # 1, 2, ... pruning steps so far
+    minibatch: int                   # minibatches seen when it happened
+    removed: dict[str, int]          # group name -> channels removed at this step
+    channels_removed: int            # total so far
+    flops_kept: float                # estimated fractions of the original model kept
+    params_kept: float
+    scores: dict[str, float] = field(default_factory=dict)  # group name -> lowest removed score
+
+
+class TaylorPruner:
+    """Taylor-importance channel pruning of ``model`` (see the module docs).
+
+    Args:
+        model: the model to prune (modified in place).
+        example_inputs: a tensor or tuple of tensors the model runs on (for the
+            dependency analysis and the FLOPs/parameter counts).
+        criterion: ``fo_bn`` (default), ``fo_gate``, ``fo_fg``, ``fo_weight`` or
+            ``so_fisher`` (see :mod:`pyprune_ext.taylor.estimators`).
+        target: when to stop: ``Target.flops(keep)``, ``Target.params(keep)``,
+            ``Target.channels(n)``; an int means channels, a float FLOPs kept.
+        prune_per_step: channels removed per pruning step (default: 2% of the
+            prunable channels, at least 1).
+        every: minibatches between pruning steps (the paper: 30).
+        ignore: modules whose output channels must not be pruned.
+        round_to: keep every group's channel count a multiple of this (when the
+            group has at least that many channels), for fast kernels.
+        scope: ``"global"`` (one ranking over all groups, the paper's) or
+            ``"local"`` (each group loses the same fraction of its channels).
+        momentum: EMA momentum of the scores across pruning steps (0 disables).
+        normalize: divide each group's scores by their L2 norm before ranking
+            (a per-layer normalisation; off by default, as in the paper).
+        square_then_sum: ``fo_weight`` only: sum of squares instead of square of sum.
+        groups: precomputed :func:`pyprune_ext.graph.dependency_groups` (optional).
+
+    Groups the analysis marks unprunable, and groups where zeroing a channel is
+    not the same as removing it (``exact_masking`` False, e.g. coupled to a
+    LayerNorm over channels), are left alone. A group never loses its last channel.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, criterion: str = "fo_bn", *, target=None,
+                 prune_per_step: int | None = None, every: int = 30, ignore: Iterable[nn.Module] = (),
+                 round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool = False,
+                 square_then_sum: bool = False, groups: Sequence | None = None):
+        self.target = _as_target(target)
+        if every < 1:
+            raise ValueError(f"every must be >= 1 minibatch, got {every}")
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
+        if scope not in ("global", "local"):
+            raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.model, self.every, self.round_to, self.scope = model, every, round_to, scope
+        self.momentum, self.normalize = momentum, normalize
+        self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore)
+        self.prunable = [i for i, g in enumerate(self.groups) if g.prunable and g.exact_masking]
+        if not self.prunable:
+            raise ValueError("no prunable channel group found in the model (see the dependency-analysis warnings)")
+        total = sum(self.groups[i].size for i in self.prunable)
+        self.prune_per_step = prune_per_step if prune_per_step is not None else max(1, round(0.02 * total))
+        if self.prune_per_step < 1:
+            raise ValueError(f"prune_per_step must be >= 1, got {prune_per_step}")
+        device = next(model.parameters()).device
+        self.alive = {i: torch.ones(self.groups[i].size, dtype=torch.bool) for i in self.prunable}
+        self.importance = TaylorImportance(model, self.groups, criterion, square_then_sum, device).attach()
+        self._ema: dict[int, Tensor] = {}
+        self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (param, channel indices along dim 0)
+        self._modules = dict(model.named_modules())
+        self.cost_before: ModelCost = count_cost(model, self.example_inputs)
+        self.history: list[PruneStep] = []
+        self.minibatches = 0
+        self.done = False
+        self.finalized = False
+        self._hook = register_optimizer_step_post_hook(self._rezero_after_step)
+
+    # ------------------------------------------------------------------ loop
+
+    def step(self) -> PruneStep | None:
+        """Call after each ``loss.backward()``: adds this minibatch's scores and,
+        every ``every`` minibatches, prunes. Returns what it pruned, or None."""
+        if self.finalized:
+            raise RuntimeError("TaylorPruner.step() after finalize(): the model has been rebuilt")
+        if self.done or not self.importance.end_minibatch():
+            return None
+        self.minibatches += 1
+        if self.minibatches % self.every:
+            return None
+        return self.prune_now()
+
+    def prune_now(self) -> PruneStep | None:
+        """One pruning step with the scores gathered so far."""
+        scores = self._smoothed_scores()
+        self.importance.reset()
+        chosen = self._choose(scores)
+        if not chosen:
+            self._finish("no channel left to prune: every group is at its minimum size")
+            return None
+        for i, channels in chosen.items():
+            self._mask_channels(i, channels)
+        record = self._record(chosen, scores)
+        self.history.append(record)
+        if self._target_reached():
+            self._finish(None)
+        return record
+
+    # ------------------------------------------------------------- scoring
+
+    def _smoothed_scores(self) -> dict[int, Tensor]:
+        means = self.importance.means()
+        scores = {}
+        for i in self.prunable:
+            score = means[i].cpu()
+            if i in self._ema and self.momentum > 0:
+                score = self.momentum * self._ema[i] + (1 - self.momentum) * score
+            self._ema[i] = score
+            if self.normalize:
+                score = score / score[self.alive[i]].norm().clamp_min(1e-30)
+            scores[i] = torch.where(self.alive[i], score, torch.zeros_like(score))
+        return scores
+
+    def _min_alive(self, i: int) -> int:
+        size = self.groups[i].size
+        return self.round_to if size >= self.round_to else 1
+
+    def _choose(self, scores: dict[int, Tensor]) -> dict[int, list[int]]:
+        """group -> channels to mask at this step."""
+        if self.scope == "global":
+            chosen = self._choose_global(scores)
+        else:
+            chosen = self._choose_local(scores)
+        if self.round_to > 1:
+            chosen = self._round_counts(chosen, scores)
+        return {i: c for i, c in chosen.items() if c}
+
+    def _choose_global(self, scores) -> dict[int, list[int]]:
+        candidates = sorted((float(scores[i][c]), i, c) for i in self.prunable
+                            for c in self.alive[i].nonzero().flatten().tolist())
+        chosen: dict[int, list[int]] = {}
+        alive = {i: int(self.alive[i].sum()) for i in self.prunable}
+        budget = self._step_budget()
+        for _, i, c in candidates:
+            if budget == 0:
+                break
+            if alive[i] - 1 < self._min_alive(i):
+                continue
+            chosen.setdefault(i, []).append(c)
+            alive[i] -= 1
+            budget -= 1
+            if self.target.kind != "channels" and self._target_reached(extra=chosen):
+                break
+        return chosen
+
+    def _choose_local(self, scores) -> dict[int, list[int]]:
+        alive_total = sum(int(a.sum()) for a in self.alive.values())
+        fraction = min(1.0, self._step_budget() / max(alive_total, 1))
+        chosen = {}
+        for i in self.prunable:
+            live = self.alive[i].nonzero().flatten()
+            count = min(math.ceil(fraction * len(live)), len(live) - self._min_alive(i))
+            if count > 0:
+                order = torch.argsort(scores[i][live], stable=True)[:count]
+                chosen[i] = live[order].tolist()
+        return chosen
+
+    def _round_counts(self, chosen, scores) -> dict[int, list[int]]:
+        """Adjusts each group's removal so its live count is a multiple of round_to
+        (nearest multiple, never below round_to)."""
+        rounded = {}
+        for i, picked in chosen.items():
+            live = self.alive[i].nonzero().flatten()
+            if self.groups[i].size < self.round_to:
+                rounded[i] = picked
+                continue
+            remaining = len(live) - len(picked)
+            keep = max(self.round_to, int(round(remaining / self.round_to)) * self.round_to)
+            order = live[torch.argsort(scores[i][live], stable=True)]
+            rounded[i] = order[:max(len(live) - keep, 0)].tolist()
+        return rounded
+
+    def _step_budget(self) -> int:
+        if self.target.kind == "channels":
+            return min(self.prune_per_step, int(self.target.value) - self.channels_removed)
+        return self.prune_per_step
+
+    # -------------------------------------------------------------- masking
+
+    def _mask_channels(self, i: int, channels: list[int]) -> None:
+        group = self.groups[i]
+        self.alive[i][channels] = False
+        index = torch.tensor(channels, dtype=torch.long)
+        for member in group.members:
+            if member.role not in _ZEROED_ROLES:
+                continue
+            module = self._modules[member.name]
+            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                if param is None:
+                    continue
+                rows = (index + member.offset).to(param.device)
+                previous = self._zeroed.get(id(param))
+                if previous is not None:
+                    rows = torch.cat([previous[1], rows]).unique()
+                self._zeroed[id(param)] = (param, rows)
+        self._zero_now(None)
+
+    @torch.no_grad()
+    def _zero_now(self, optimizer) -> None:
+        for param, rows in self._zeroed.values():
+            param.index_fill_(0, rows, 0)
+            if optimizer is None:
+                continue
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.index_fill_(0, rows, 0)
+
+    def _rezero_after_step(self, optimizer, args, kwargs) -> None:
+        if not self.finalized and self._zeroed:
+            self._zero_now(optimizer)
+
+    # ------------------------------------------------------------ progress
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(int((~a).sum()) for a in self.alive.values())
+
+    def estimated_cost(self, extra: dict[int, list[int]] | None = None) -> tuple[int, int]:
+        """(MACs, params) the model will have after finalize(), with the channels
+        masked so far (and ``extra`` ones)."""
+        alive = {i: a.clone() for i, a in self.alive.items()}
+        for i, channels in (extra or {}).items():
+            alive[i][channels] = False
+        return estimate_cost(self.cost_before, self.groups, alive, self._modules)
+
+    def _target_reached(self, extra=None) -> bool:
+        if self.target.kind == "channels":
+            return self.channels_removed >= self.target.value
+        macs, params = self.estimated_cost(extra)
+        if self.target.kind == "flops":
+            return macs <= self.target.value * self.cost_before.total_macs
+        return params <= self.target.value * self.cost_before.total_params
+
+    def _record(self, chosen, scores) -> PruneStep:
+        macs, params = self.estimated_cost()
+        names = {i: self.groups[i].name for i in chosen}
+        return PruneStep(
+            step=len(self.history) + 1, minibatch=self.minibatches,
+            removed={names[i]: len(c) for i, c in chosen.items()},
+            channels_removed=self.channels_removed,
+            flops_kept=macs / max(self.cost_before.total_macs, 1),
+            params_kept=params / max(self.cost_before.total_params, 1),
+            scores={names[i]: float(scores[i][c].min()) for i, c in chosen.items()})
+
+    def _finish(self, why_short: str | None) -> None:
+        self.done = True
+        self.importance.detach()
+        if why_short is not None:
+            warnings.warn(f"TaylorPruner stopped before its target {self.target}: {why_short}", stacklevel=3)
+
+    # ------------------------------------------------------------- results
+
+    def finalize(self) -> nn.Module:
+        """Removes the masked channels physically and returns the model: plain
+        torch modules, no hooks, nothing from pyprune_ext needed to run it.
+        Optimizers built on the old parameters must be rebuilt."""
+        if self.finalized:
+            return self.model
+        self.importance.detach()
+        self._hook.remove()
+        keep = {i: a.nonzero().flatten() for i, a in self.alive.items() if not bool(a.all())}
+        remove_channels(self.model, self.groups, keep)
+        self.finalized = True
+        self.done = True
+        self.cost_after = count_cost(self.model, self.example_inputs)
+        return self.model
+
+    def report(self) -> PruningReport:
+        """Per-layer channels, parameters and MACs before and after (measured on
+        the finalized model, estimated before finalize)."""
+        after = self.cost_after if self.finalized else None
+        alive = {i: a.clone() for i, a in self.alive.items()}
+        return PruningReport.build(self.cost_before, after, self.groups, alive, self._modules, self.history)
+
+    def plan(self) -> dict[str, list[int]]:
+        """The channels kept, per pruned group name: with :func:`apply_plan` it
+        rebuilds the pruned architecture from a freshly built model, so a
+        ``state_dict`` of the pruned model can be loaded into it."""
+        return {self.groups[i].name: a.nonzero().flatten().tolist()
+                for i, a in self.alive.items() if not bool(a.all())}
+
+    def remove(self) -> None:
+        """Detaches every hook without finalizing (masked channels stay zero)."""
+        self.importance.detach()
+        self._hook.remove()
+        self.done = True
+
+
+def apply_plan(model: nn.Module, example_inputs, plan: dict[str, list[int]]) -> nn.Module:
+    """Removes channels from ``model`` (in place) as ``plan`` (from
+    :meth:`TaylorPruner.plan`) says, e.g. to rebuild a pruned architecture from
+    a fresh model before loading the pruned model's ``state_dict``."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    groups = dependency_groups(model, inputs)
+    index = {g.name: i for i, g in enumerate(groups)}
+    unknown = sorted(set(plan) - set(index))
+    if unknown:
+        raise ValueError(f"apply_plan: the model has no channel group named {unknown[0]!r} "
+                         f"(was the plan made for another architecture?)")
+    keep = {index[name]: torch.tensor(kept, dtype=torch.long) for name, kept in plan.items()}
+    return remove_channels(model, groups, keep)
