@@ -125,6 +125,12 @@ at::Tensor apply_mask_generic(const at::Tensor& weight, const at::Tensor& mask) 
   return at::where(mask, weight, 0);
 }
 
+// masked_fill_, not mul_: a pruned inf or NaN must become 0 like in apply_mask.
+void apply_mask_inplace_generic(at::Tensor& weight, const at::Tensor& mask) {
+  check_apply_mask(weight, mask);
+  weight.masked_fill_(mask.logical_not(), 0);
+}
+
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -168,6 +174,7 @@ TORCH_LIBRARY_IMPL(pyprune, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(pyprune, CompositeExplicitAutograd, m) {
   m.impl("mask_pack", &mask_pack);
   m.impl("apply_mask", &apply_mask_generic);
+  m.impl("apply_mask_", &apply_mask_inplace_generic);
 }
 
 }  // namespace pyprune

@@ -114,24 +114,46 @@ at::Tensor call_forward(const at::Tensor& x, const at::Tensor& weight, const at:
   return op.call(x, weight, mask, bias);
 }
 
+// Small layers (the CPU kernels would not split the weight, and every other
+// device): the masked weight is built once in the forward and kept for grad_x,
+// as linear(x, weight * mask) would keep it, instead of masking again in the
+// backward. Large CPU layers keep nothing extra (their backward masks block by
+// block again). Symbolic shapes (torch.compile with dynamic weights) take the
+// op path, which needs no size decisions here.
+bool keep_masked_weight(const at::Tensor& weight) {
+  if (weight.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  return !masked_linear_cpu_blocked(weight);
+}
+
 class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& weight, const at::Tensor& mask,
                             const std::optional<at::Tensor>& bias) {
-    ctx->save_for_backward({x, weight, mask});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward(x, weight, mask, bias);
+    const bool keep = keep_masked_weight(weight);
+    ctx->saved_data["masked_weight"] = keep;
+    if (!keep) {
+      ctx->save_for_backward({x, weight, mask});
+      return call_forward(x, weight, mask, bias);
+    }
+    check_masked_linear_args("masked_linear", x, weight, mask, bias);
+    const at::Tensor masked = call_apply_mask(weight, mask);
+    ctx->save_for_backward({x, masked, mask});
+    return at::linear(x, masked, bias);
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mask = saved[2];
+    const at::Tensor &x = saved[0], &weight_or_masked = saved[1], &mask = saved[2];
     const at::Tensor& grad_y = grads[0];
     at::Tensor grad_x, grad_w, grad_b;
-    if (ctx->needs_input_grad(0)) grad_x = call_grad_input(grad_y, weight, mask);
+    if (ctx->needs_input_grad(0)) {
+      grad_x = ctx->saved_data["masked_weight"].toBool() ? at::matmul(grad_y, weight_or_masked)
+                                                         : call_grad_input(grad_y, weight_or_masked, mask);
+    }
     if (ctx->needs_input_grad(1)) grad_w = call_grad_weight(grad_y, x, mask);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       grad_b = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);

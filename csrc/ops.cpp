@@ -68,6 +68,9 @@ TORCH_LIBRARY(pyprune, m) {
   // where(mask, weight, 0) in one pass, without promoting the bool mask to a
   // float copy first (what weight * mask does).
   m.def("apply_mask(Tensor weight, Tensor mask) -> Tensor", tags);
+  // In place, for re-zeroing pruned weights (and optimizer state) after an
+  // optimizer step; not differentiable (call it under no_grad).
+  m.def("apply_mask_(Tensor(a!) weight, Tensor mask) -> ()", tags);
   m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor",
         tags);
   // masked_linear's backward: grad_y @ (weight * mask) and (grad_y^T x) * mask.

@@ -147,6 +147,27 @@ def test_masked_tile_bytes_roundtrip():
     assert pp.ops.masked_tile_bytes() == previous > 0
 
 
+def test_apply_mask_inplace_matches_reference(device):
+    dtypes = dtypes_for(device) + ([torch.float16] if device == "cpu" else [torch.float64])
+    for dtype in dtypes:
+        w, mask, _ = make_layer(37, 29, 0.4, dtype, device, seed=5)
+        w[0, 0] = float("inf")
+        mask[0, 0] = False  # a pruned inf becomes 0, not NaN
+        want = torch.where(mask, w, torch.zeros((), dtype=dtype, device=device))
+        got = w.clone()
+        assert pp.ops.apply_mask_(got, mask) is got
+        assert torch.equal(got, want)
+        strided = w.clone().t()  # non-contiguous weight and mask
+        pp.ops.apply_mask_(strided, mask.t())
+        assert torch.equal(strided, want.t())
+    torch.library.opcheck(torch.ops.pyprune.apply_mask_.default, (w.clone(), mask),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="mask must have weight's shape"):
+        pp.ops.apply_mask_(w.clone(), mask[:, :3])
+    with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
+        pp.ops.apply_mask_(w.clone(), mask.float())
+
+
 CONV_CASES = [
     dict(in_c=4, out_c=6, k=3, stride=1, padding=1, dilation=1, groups=1),
     dict(in_c=4, out_c=8, k=3, stride=2, padding=0, dilation=2, groups=2),

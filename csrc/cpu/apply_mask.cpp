@@ -72,10 +72,29 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& mask) {
   return out;
 }
 
+// In place: one branch-free pass, no float copy of the mask (weight.mul_(mask)
+// would make one per call: measured 4x slower on LeNet-size weights).
+void apply_mask_inplace_cpu(at::Tensor& weight, const at::Tensor& mask) {
+  check_apply_mask(weight, mask);
+  const auto dtype = weight.scalar_type();
+  if (!weight.is_contiguous() || !mask.is_contiguous() || (dtype != at::kFloat && dtype != at::kDouble)) {
+    weight.masked_fill_(mask.logical_not(), 0);  // not mul_: a pruned inf must become 0
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "apply_mask_inplace_cpu", [&] {
+    scalar_t* wp = weight.data_ptr<scalar_t>();
+    const bool* mp = mask.const_data_ptr<bool>();
+    at::parallel_for(0, weight.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      zero_pruned(wp + begin, mp + begin, end - begin);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
   m.impl("apply_mask", &apply_mask_cpu);
+  m.impl("apply_mask_", &apply_mask_inplace_cpu);
 }
 
 }  // namespace pyprune

@@ -137,11 +137,22 @@ at::Tensor masked_linear_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
   check_masked_linear_grad_weight_args(grad_y, x, mask);
   const int64_t out_f = mask.size(0), in_f = mask.size(1);
   const bool floating = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  const int64_t blocks = floating ? block_count(out_f, in_f * x.element_size()) : 1;
-  if (blocks == 1) return masked_linear_grad_weight_one_block(grad_y, x, mask);
+  if (!floating) return masked_linear_grad_weight_one_block(grad_y, x, mask);
+  const int64_t blocks = block_count(out_f, in_f * x.element_size());
 
   const at::Tensor gy2d = grad_y.reshape({-1, out_f}).contiguous(), x2d = x.reshape({-1, in_f}).contiguous();
   const at::Tensor m = mask.contiguous();
+  if (blocks == 1) {  // one multi-threaded GEMM, then the in-place masking pass
+    at::Tensor grad_w = at::mm(gy2d.t(), x2d);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_linear_grad_weight_cpu", [&] {
+      scalar_t* gw = grad_w.data_ptr<scalar_t>();
+      const bool* mp = m.const_data_ptr<bool>();
+      at::parallel_for(0, grad_w.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+        zero_pruned(gw + begin, mp + begin, end - begin);
+      });
+    });
+    return grad_w;
+  }
   at::Tensor grad_w = at::empty({out_f, in_f}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_linear_grad_weight_cpu", [&] {
     for_each_block(blocks, [&](int64_t b) {
@@ -155,6 +166,11 @@ at::Tensor masked_linear_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
 }
 
 }  // namespace
+
+bool masked_linear_cpu_blocked(const at::Tensor& weight) {
+  return weight.device().is_cpu() && weight.dim() == 2 && blockable(weight) &&
+         block_count(weight.size(0), weight.size(1) * weight.element_size()) > 1;
+}
 
 int64_t masked_tile_bytes(int64_t bytes) {
   return bytes > 0 ? cpu_tile_bytes.exchange(bytes) : cpu_tile_bytes.load();

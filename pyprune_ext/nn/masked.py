@@ -8,9 +8,11 @@ How zeros are kept (two mechanisms, both needed):
 * Zero gradients are not enough: momentum, Adam moments or weight decay carried
   over from before pruning (or a user writing to the weights) would move pruned
   weights. So every masked module is re-zeroed right after each optimizer step,
-  by a global ``torch.optim`` step post-hook, and the optimizer's state tensors
-  of that weight (momentum buffers, Adam moments) are zeroed at pruned
-  positions too.
+  by a global ``torch.optim`` step post-hook (one in-place pass,
+  ``ops.apply_mask_``), and the optimizer's state tensors of that weight
+  (momentum buffers, Adam moments) are zeroed at pruned positions once per mask
+  change and optimizer (with zero gradients and zeroed weights they then stay
+  zero in SGD, Adam and AdamW; the per-step weight re-zeroing covers the rest).
 
 The parameter stays ``weight`` (no ``weight_orig`` / ``weight_mask`` pair) and
 the mask is a bool buffer ``mask``: ``state_dict`` keys are ``weight``,
@@ -45,18 +47,29 @@ _LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
 _HOOK_HANDLE = None
 
 
+# optimizer -> {id(module): the module's mask token when that optimizer's state
+# was last zeroed at its pruned positions}.
+_STATE_CLEANED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _rezero_after_step(optimizer, args, kwargs) -> None:
-    """Step post-hook for every optimizer: re-zero pruned weights and their state."""
+    """Step post-hook for every optimizer: re-zero pruned weights (every step,
+    one in-place pass) and their optimizer state (once per mask change: with the
+    weights zeroed and their gradients exactly zero, momentum and Adam moments
+    at pruned positions stay zero by themselves)."""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    cleaned = _STATE_CLEANED.setdefault(optimizer, {})
     for module in list(_LIVE_MODULES):
         weight = module.weight
         if id(weight) not in params:
             continue
         with torch.no_grad():
-            weight.mul_(module.mask)
-            for value in optimizer.state.get(weight, {}).values():
-                if isinstance(value, Tensor) and value.shape == weight.shape:
-                    value.mul_(module.mask)
+            ops.apply_mask_(weight, module.mask)
+            if cleaned.get(id(module)) != module._mask_token:
+                for value in optimizer.state.get(weight, {}).values():
+                    if isinstance(value, Tensor) and value.shape == weight.shape:
+                        ops.apply_mask_(value, module.mask)
+                cleaned[id(module)] = module._mask_token
 
 
 def _refresh_after_load(module, incompatible_keys) -> None:
@@ -90,6 +103,7 @@ class _MaskedMixin:
         the packed form and the density the forward pass decides on (a plain float,
         so torch.compile needs no data-dependent branch)."""
         self._packed = None
+        self._mask_token = object()  # new identity per mask change (see _rezero_after_step)
         # (from_dense first builds the module on the meta device: no values yet)
         self._cached_density = 1.0 if self.mask.is_meta else self.density
         self.apply_mask_()
@@ -114,7 +128,7 @@ class _MaskedMixin:
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Zeroes the pruned weights in place."""
-        self.weight.mul_(self.mask)
+        ops.apply_mask_(self.weight, self.mask)
 
     @property
     def density(self) -> float:

@@ -1,13 +1,13 @@
 """Typed wrappers, fake (meta) kernels and autograd for torch.ops.pyprune.*,
 one module per op family (the kernels live in csrc/)."""
 
-from .masked import (PackedMask, apply_mask, mask_pack, masked_conv2d, masked_linear,
+from .masked import (PackedMask, apply_mask, apply_mask_, mask_pack, masked_conv2d, masked_linear,
                      masked_tile_bytes, sparse_masked_linear)
 from .taylor import (stats_dtype, taylor_channel_stats, taylor_channel_stats_,
                      taylor_weight_stats)
 
 __all__ = [
-    "PackedMask", "apply_mask", "mask_pack", "masked_conv2d", "masked_linear", "masked_tile_bytes",
+    "PackedMask", "apply_mask", "apply_mask_", "mask_pack", "masked_conv2d", "masked_linear", "masked_tile_bytes",
     "sparse_masked_linear",
     "stats_dtype", "taylor_channel_stats", "taylor_channel_stats_", "taylor_weight_stats",
 ]

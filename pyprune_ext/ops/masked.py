@@ -49,6 +49,14 @@ def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
     return torch.ops.pyprune.apply_mask.default(weight, mask)
 
 
+def apply_mask_(weight: Tensor, mask: Tensor) -> Tensor:
+    """Zeroes ``weight`` in place where ``mask`` is False (one pass, no float
+    copy of the mask); returns ``weight``. Not differentiable: call it under
+    ``torch.no_grad()`` on parameters."""
+    torch.ops.pyprune.apply_mask_.default(weight, mask)
+    return weight
+
+
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ (weight * mask)^T + bias`` for x of shape (..., in); mask is bool of
     weight's shape [out, in]. Pruned weights get exactly zero gradient."""
@@ -123,6 +131,11 @@ def _masked_linear_grad_weight_fake(grad_y, x, mask):
     torch._check(mask.dim() == 2 and grad_y.shape[-1] == mask.shape[0] and x.shape[-1] == mask.shape[1],
                  lambda: "masked_linear_grad_weight: grad_y, x and mask shapes do not match")
     return x.new_empty(mask.shape)
+
+
+@torch.library.register_fake("pyprune::apply_mask_")
+def _apply_mask_inplace_fake(weight, mask):
+    _apply_mask_fake(weight, mask)
 
 
 @torch.library.register_fake("pyprune::mask_pack")

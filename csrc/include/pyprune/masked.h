@@ -53,6 +53,9 @@ at::Tensor masked_linear_grad_input_one_block(const at::Tensor& grad_y, const at
 at::Tensor masked_linear_grad_weight_one_block(const at::Tensor& grad_y, const at::Tensor& x,
                                                const at::Tensor& mask);
 
+// Whether masked_linear's CPU kernels split this weight into blocks.
+bool masked_linear_cpu_blocked(const at::Tensor& weight);
+
 // Block size in bytes of masked_linear's CPU kernels (csrc/cpu/masked_linear.cpp):
 // sets it when bytes > 0 and returns the previous value.
 int64_t masked_tile_bytes(int64_t bytes);
