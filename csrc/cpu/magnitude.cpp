@@ -23,6 +23,12 @@ namespace pyprune {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;
+// Fewer weights than this per thread run on fewer threads: a pass over 512K
+// weights takes about a millisecond, and waking threads for less work costs
+// more than it saves (much more on a loaded machine, where a parallel region
+// waits for a descheduled thread).
+constexpr int64_t kParallelElements = 1 << 19;
+constexpr int64_t kParallelChunks = kParallelElements / kChunk;
 
 struct Chunk {
   int64_t tensor;
@@ -46,6 +52,12 @@ const typename Keys::bits_t* weight_bits(const MagnitudeInputs& in, int64_t t) {
   return reinterpret_cast<const typename Keys::bits_t*>(in.weights[t].const_data_ptr());
 }
 
+// Masks are read and written as bytes: gcc does not vectorise loops over bool
+// arrays, and does over uint8_t. Read as `byte != 0`, like a bool.
+const uint8_t* mask_bytes(const MagnitudeInputs& in, int64_t t) {
+  return reinterpret_cast<const uint8_t*>(in.masks[t].const_data_ptr<bool>());
+}
+
 // ---------------------------------------------------------------------------
 // Histogram.
 
@@ -56,20 +68,25 @@ const typename Keys::bits_t* weight_bits(const MagnitudeInputs& in, int64_t t) {
 constexpr int kWays = 4;
 using SubHistograms = std::array<uint32_t, kWays * kRadixBins>;
 
+// The first pass counts every kept weight: branch-free, since a random mask
+// would mispredict a branch on `kept`. Later passes count only the few weights
+// in one bucket: there a branch is well predicted and skips the counter update.
 template <typename Keys>
-void count_run(const typename Keys::bits_t* w, const bool* m, int64_t n, const RadixPass& p,
-               uint32_t* sub) {
-  int64_t i = 0;
-  for (; i + kWays <= n; i += kWays) {
-    for (int u = 0; u < kWays; ++u) {
-      const auto key = magnitude_key<Keys>(w[i + u]);
-      // Branch-free: a random mask would mispredict a branch on `kept`.
-      sub[u * kRadixBins + radix_digit(key, p)] += uint32_t(m[i + u] & in_bucket(key, p));
+void count_run(const typename Keys::bits_t* __restrict w, const uint8_t* __restrict m, int64_t n,
+               const RadixPass& p, uint32_t* __restrict sub) {
+  if (p.shift + p.bits == Keys::kKeyBits) {  // every key is in the bucket
+    int64_t i = 0;
+    for (; i + kWays <= n; i += kWays) {
+      for (int u = 0; u < kWays; ++u) {
+        sub[u * kRadixBins + radix_digit(magnitude_key<Keys>(w[i + u]), p)] += m[i + u] != 0;
+      }
     }
+    for (; i < n; ++i) sub[radix_digit(magnitude_key<Keys>(w[i]), p)] += m[i] != 0;
+    return;
   }
-  for (; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const auto key = magnitude_key<Keys>(w[i]);
-    sub[radix_digit(key, p)] += uint32_t(m[i] & in_bucket(key, p));
+    if ((m[i] != 0) & in_bucket(key, p)) ++sub[radix_digit(key, p)];
   }
 }
 
@@ -86,7 +103,8 @@ void histogram_typed(const MagnitudeInputs& in, const RadixPass& pass, std::vect
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const int bins = 1 << pass.bits;
   // One group of consecutive chunks per thread, each with its own histogram.
-  const int64_t groups = std::clamp<int64_t>(at::get_num_threads(), 1, num_chunks);
+  const int64_t groups = std::clamp<int64_t>(
+      std::min<int64_t>(at::get_num_threads(), num_chunks / kParallelChunks), 1, num_chunks);
   std::vector<int64_t> partial(groups * bins, 0);
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     SubHistograms sub{};
@@ -100,7 +118,7 @@ void histogram_typed(const MagnitudeInputs& in, const RadixPass& pass, std::vect
           pending = 0;
         }
         count_run<Keys>(weight_bits<Keys>(in, ch.tensor) + ch.begin,
-                        in.masks[ch.tensor].const_data_ptr<bool>() + ch.begin, ch.end - ch.begin, pass,
+                        mask_bytes(in, ch.tensor) + ch.begin, ch.end - ch.begin, pass,
                         sub.data());
         pending += ch.end - ch.begin;
       }
@@ -115,30 +133,29 @@ void histogram_typed(const MagnitudeInputs& in, const RadixPass& pass, std::vect
 // ---------------------------------------------------------------------------
 // Mask write.
 
-// All weights at the threshold are pruned (ties == equal, the usual case for
-// real-valued weights): no ranks needed, one element-wise pass.
 template <typename Keys>
-void write_run_all_ties(bool* out, const typename Keys::bits_t* w, const bool* m, int64_t n,
-                        typename Keys::bits_t threshold) {
-  for (int64_t i = 0; i < n; ++i) out[i] = stays_kept_all_ties(m[i], magnitude_key<Keys>(w[i]), threshold);
+void write_run_all_ties(uint8_t* __restrict out, const typename Keys::bits_t* __restrict w,
+                        const uint8_t* __restrict m, int64_t n, typename Keys::bits_t threshold) {
+  for (int64_t i = 0; i < n; ++i) out[i] = stays_kept_all_ties(m[i] != 0, magnitude_key<Keys>(w[i]), threshold);
 }
 
 template <typename Keys>
-int64_t count_at_threshold(const typename Keys::bits_t* w, const bool* m, int64_t n,
+int64_t count_at_threshold(const typename Keys::bits_t* __restrict w, const uint8_t* __restrict m, int64_t n,
                            typename Keys::bits_t threshold) {
   int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) count += is_tie(m[i], magnitude_key<Keys>(w[i]), threshold);
+  for (int64_t i = 0; i < n; ++i) count += is_tie(m[i] != 0, magnitude_key<Keys>(w[i]), threshold);
   return count;
 }
 
 // rank: the tie rank of the run's first weight.
 template <typename Keys>
-void write_run_ranked(bool* out, const typename Keys::bits_t* w, const bool* m, int64_t n,
-                      typename Keys::bits_t threshold, int64_t rank, int64_t ties) {
+void write_run_ranked(uint8_t* __restrict out, const typename Keys::bits_t* __restrict w,
+                      const uint8_t* __restrict m, int64_t n, typename Keys::bits_t threshold, int64_t rank,
+                      int64_t ties) {
   for (int64_t i = 0; i < n; ++i) {
     const auto key = magnitude_key<Keys>(w[i]);
-    out[i] = stays_kept(m[i], key, threshold, rank, ties);
-    rank += is_tie(m[i], key, threshold);
+    out[i] = stays_kept(m[i] != 0, key, threshold, rank, ties);
+    rank += is_tie(m[i] != 0, key, threshold);
   }
 }
 
@@ -149,13 +166,13 @@ void write_typed(const MagnitudeInputs& in, const MagnitudeSelection& sel, std::
   const std::vector<Chunk> chunks = make_chunks(in);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   auto run = [&](const Chunk& ch, auto&& body) {
-    body(out[ch.tensor].data_ptr<bool>() + ch.begin, weight_bits<Keys>(in, ch.tensor) + ch.begin,
-         in.masks[ch.tensor].const_data_ptr<bool>() + ch.begin, ch.end - ch.begin);
+    body(reinterpret_cast<uint8_t*>(out[ch.tensor].data_ptr<bool>()) + ch.begin,
+         weight_bits<Keys>(in, ch.tensor) + ch.begin, mask_bytes(in, ch.tensor) + ch.begin, ch.end - ch.begin);
   };
   if (sel.ties == sel.equal) {
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        run(chunks[c], [&](bool* o, const bits_t* w, const bool* m, int64_t n) {
+        run(chunks[c], [&](uint8_t* o, const bits_t* w, const uint8_t* m, int64_t n) {
           write_run_all_ties<Keys>(o, w, m, n, threshold);
         });
       }
@@ -164,17 +181,17 @@ void write_typed(const MagnitudeInputs& in, const MagnitudeSelection& sel, std::
   }
   // Some weights at the threshold stay: rank them in (tensor, index) order.
   std::vector<int64_t> first_rank(num_chunks);
-  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      run(chunks[c], [&](bool*, const bits_t* w, const bool* m, int64_t n) {
+      run(chunks[c], [&](uint8_t*, const bits_t* w, const uint8_t* m, int64_t n) {
         first_rank[c] = count_at_threshold<Keys>(w, m, n, threshold);
       });
     }
   });
   std::exclusive_scan(first_rank.begin(), first_rank.end(), first_rank.begin(), int64_t(0));
-  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      run(chunks[c], [&](bool* o, const bits_t* w, const bool* m, int64_t n) {
+      run(chunks[c], [&](uint8_t* o, const bits_t* w, const uint8_t* m, int64_t n) {
         write_run_ranked<Keys>(o, w, m, n, threshold, first_rank[c], sel.ties);
       });
     }

@@ -38,9 +38,9 @@ constexpr int64_t kSubTile = int64_t(kThreads) * kItems;
 constexpr int64_t kTile = 8 * kSubTile;
 
 struct Slot {
-  const void* w;  // the weights' raw bits
-  const bool* m;
-  bool* out;  // null in the histogram passes
+  const void* w;       // the weights' raw bits
+  const uint8_t* m;    // the bool mask's bytes, read as `byte != 0`
+  bool* out;           // null in the histogram passes
   int64_t numel;
   int64_t first_tile;  // number of tiles of the slots before this one
 };
@@ -58,7 +58,8 @@ DeviceSlots upload_slots(const MagnitudeInputs& in, const std::vector<at::Tensor
   int64_t tiles = 0;
   for (size_t i = 0; i < in.weights.size(); ++i) {
     const int64_t n = in.weights[i].numel();  // > 0: empty tensors were left out
-    host.push_back({in.weights[i].const_data_ptr(), in.masks[i].const_data_ptr<bool>(),
+    host.push_back({in.weights[i].const_data_ptr(),
+                    reinterpret_cast<const uint8_t*>(in.masks[i].const_data_ptr<bool>()),
                     out ? (*out)[i].data_ptr<bool>() : nullptr, n, tiles});
     tiles += (n + kTile - 1) / kTile;
   }
@@ -121,7 +122,7 @@ histogram_kernel(const Slot* __restrict__ slots, int count, RadixPass pass,
 #pragma unroll 4
   for (int64_t i = t.begin + threadIdx.x; i < t.end; i += kThreads) {
     const bits_t key = magnitude_key<Keys>(w[i]);
-    if (t.slot.m[i] && in_bucket(key, pass)) atomicAdd(&hist[radix_digit(key, pass)], 1u);
+    if ((t.slot.m[i] != 0) & in_bucket(key, pass)) atomicAdd(&hist[radix_digit(key, pass)], 1u);
   }
   __syncthreads();
   const int bins = 1 << pass.bits;
@@ -139,7 +140,7 @@ write_all_ties_kernel(const Slot* __restrict__ slots, int count, typename Keys::
   const bits_t* w = static_cast<const bits_t*>(t.slot.w);
 #pragma unroll 4
   for (int64_t i = t.begin + threadIdx.x; i < t.end; i += kThreads) {
-    t.slot.out[i] = stays_kept_all_ties(t.slot.m[i], magnitude_key<Keys>(w[i]), threshold);
+    t.slot.out[i] = stays_kept_all_ties(t.slot.m[i] != 0, magnitude_key<Keys>(w[i]), threshold);
   }
 }
 
@@ -155,7 +156,7 @@ count_ties_kernel(const Slot* __restrict__ slots, int count, typename Keys::bits
   const bits_t* w = static_cast<const bits_t*>(t.slot.w);
   int mine = 0;  // at most kTile / kThreads
   for (int64_t i = t.begin + threadIdx.x; i < t.end; i += kThreads) {
-    mine += is_tie(t.slot.m[i], magnitude_key<Keys>(w[i]), threshold);
+    mine += is_tie(t.slot.m[i] != 0, magnitude_key<Keys>(w[i]), threshold);
   }
   const int total = BlockReduce(storage).Sum(mine);
   if (threadIdx.x == 0) tile_counts[blockIdx.x] = total;
@@ -183,7 +184,7 @@ write_ranked_kernel(const Slot* __restrict__ slots, int count, typename Keys::bi
     for (int j = 0; j < kItems; ++j) {
       const bool inside = first + j < t.end;
       keys[j] = inside ? magnitude_key<Keys>(w[first + j]) : bits_t(0);
-      kept[j] = inside && t.slot.m[first + j];
+      kept[j] = inside && t.slot.m[first + j] != 0;
       mine += is_tie(kept[j], keys[j], threshold);
     }
     int before = 0, in_sub_tile = 0;

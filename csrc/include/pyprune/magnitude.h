@@ -113,20 +113,21 @@ struct MagnitudeSelection {
 template <typename bits_t>
 C10_HOST_DEVICE inline bool stays_kept(bool kept, bits_t key, bits_t threshold, int64_t tie_rank,
                                        int64_t ties) {
-  return kept && (key > threshold || (key == threshold && tie_rank >= ties));
+  // & and |, not && and ||: branch-free, so the CPU loops vectorise.
+  return kept & ((key > threshold) | ((key == threshold) & (tie_rank >= ties)));
 }
 
 // stays_kept when every kept weight at the threshold is pruned (ties ==
 // equal, the usual case for real-valued weights): no tie ranks needed.
 template <typename bits_t>
 C10_HOST_DEVICE inline bool stays_kept_all_ties(bool kept, bits_t key, bits_t threshold) {
-  return kept && key > threshold;
+  return kept & (key > threshold);
 }
 
 // Whether weight at the threshold (kept, key == threshold) adds to the tie rank.
 template <typename bits_t>
 C10_HOST_DEVICE inline bool is_tie(bool kept, bits_t key, bits_t threshold) {
-  return kept && key == threshold;
+  return kept & (key == threshold);
 }
 
 // ---------------------------------------------------------------------------
