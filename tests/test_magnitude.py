@@ -22,11 +22,12 @@ def reference_prune(weights, masks, k):
     """(new masks, threshold, ties) by concatenating every kept |w| in (tensor,
     flat index) order and sorting stably: the first k go. NaN sorts after every
     number (inf included); -0.0 and 0.0 are equal (abs)."""
-    values, owners = [], []
+    values, tensor_ids, flat_ids = [], [], []
     for t, (w, m) in enumerate(zip(weights, masks)):
         flat_index = m.cpu().reshape(-1).nonzero().reshape(-1)
         values.append(w.detach().cpu().double().abs().reshape(-1)[flat_index])
-        owners += [(t, int(i)) for i in flat_index]
+        tensor_ids.append(torch.full_like(flat_index, t))
+        flat_ids.append(flat_index)
     new = [m.detach().cpu().clone(memory_format=torch.contiguous_format) for m in masks]
     if k == 0:
         return new, 0.0, 0
@@ -34,9 +35,10 @@ def reference_prune(weights, masks, k):
     nan = v.isnan()
     order = torch.sort(torch.where(nan, 0.0, v), stable=True).indices
     order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]  # NaNs last, in order
-    for j in order[:k].tolist():
-        t, i = owners[j]
-        new[t].view(-1)[i] = False
+    drop = order[:k]
+    drop_tensor, drop_flat = torch.cat(tensor_ids)[drop], torch.cat(flat_ids)[drop]
+    for t in range(len(new)):
+        new[t].view(-1)[drop_flat[drop_tensor == t]] = False
     threshold = v[order[k - 1]].item()
     if math.isnan(threshold):
         ties = int(nan[order[:k]].sum())
@@ -92,9 +94,10 @@ def test_random_sets_match_reference(shapes, density, fraction, dtype, seed, dev
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("density", [1.0, 0.2])
 def test_resnet_like_layer_sizes(dtype, density, device):
-    """Several tensors, some bigger than a CPU chunk (64K) and a CUDA tile, so that
-    counts merge across threads/blocks; prune 20% of the remaining."""
-    shapes = [(64, 3, 7, 7), (256, 64, 3, 3), (70000,), (10, 512), (10,)]
+    """Several tensors, some bigger than a CPU chunk (64K) and a CUDA tile, over 1M
+    weights in all so that counts merge across CPU threads and CUDA blocks; prune
+    20% of the remaining."""
+    shapes = [(64, 3, 7, 7), (256, 64, 3, 3), (800000,), (10, 512), (10,)]
     weights, masks = random_set(shapes, density, dtype, device, seed=1)
     k = round(0.2 * kept_count(masks))
     assert_matches_reference(weights, masks, k)
@@ -103,11 +106,11 @@ def test_resnet_like_layer_sizes(dtype, density, device):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_many_ties_across_chunks(dtype, device):
     """Weights from a few values (zeros of both signs included): the cut falls in a
-    huge tie that spans tensors, CPU chunks and CUDA tiles; every k sweeps through
-    the ranked write path."""
+    huge tie that spans tensors, CPU chunks and threads, and CUDA tiles; the k
+    sweep through the ranked write path (the unranked one at k = zeros)."""
     gen = torch.Generator().manual_seed(3)
     values = torch.tensor([0.0, -0.0, 0.5, -0.5, 1.0, -2.0], dtype=torch.float64)
-    shapes = [(300, 300), (7,), (150001,), (5, 5)]
+    shapes = [(300, 300), (7,), (1100001,), (5, 5)]
     weights = [values[torch.randint(0, len(values), s, generator=gen)].to(device, dtype) for s in shapes]
     masks = [(torch.rand(s, generator=gen) < 0.8).to(device) for s in shapes]
     kept = kept_count(masks)
@@ -136,6 +139,29 @@ def test_nan_counts_as_largest(device):
     assert got.masks[0].tolist() == [False, False, False, True, False]
     assert got.masks[1].tolist() == [True, False]
     assert got.threshold.isnan() and got.ties.item() == 1
+
+
+# NaNs of every payload, with and without the sign bit, largest payload first.
+NAN_BITS = {
+    torch.float16: (torch.int16, [0x7FFF, 0x7E00, 0x7C01, -1]),
+    torch.bfloat16: (torch.int16, [0x7FFF, 0x7FC0, 0x7F81, -1]),
+    torch.float32: (torch.int32, [0x7FFFFFFF, 0x7FC00000, 0x7F800001, -1]),
+    torch.float64: (torch.int64, [0x7FFFFFFFFFFFFFFF, 0x7FF8000000000000, 0x7FF0000000000001, -1]),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_nan_payloads_all_tie(dtype, device):
+    """Every NaN ties with every other, whatever its bits: they go in index order."""
+    int_type, bits = NAN_BITS[dtype]
+    nans = torch.tensor(bits, dtype=int_type).view(dtype)
+    assert nans.isnan().all()
+    weights = [torch.cat([torch.tensor([1.0, float("inf")], dtype=dtype), nans]).to(device)]
+    masks = [torch.ones(6, dtype=torch.bool, device=device)]
+    for k in range(7):
+        got = assert_matches_reference(weights, masks, k)
+    got = pp.magnitude_prune(weights, masks, 4)
+    assert got.masks[0].tolist() == [False, False, False, False, True, True]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -215,7 +241,7 @@ def test_empty_lists_and_empty_tensors(device):
 
 
 def test_deterministic_and_thread_count_independent(device):
-    shapes = [(300, 300), (150001,)]
+    shapes = [(300, 300), (1100001,)]
     gen = torch.Generator().manual_seed(11)
     weights = [torch.randint(-3, 4, s, generator=gen).float().to(device) for s in shapes]  # many ties
     masks = [(torch.rand(s, generator=gen) < 0.5).to(device) for s in shapes]
