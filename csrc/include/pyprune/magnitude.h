@@ -90,9 +90,11 @@ struct RadixPass {
   uint64_t high = 0;  // key >> (shift + bits) of the wanted bucket
 };
 
+// Compared in the key's own width (high fits in it): a 64-bit compare would
+// keep the CPU loops over 32-bit keys from vectorising.
 template <typename bits_t>
 C10_HOST_DEVICE inline bool in_bucket(bits_t key, const RadixPass& p) {
-  return static_cast<uint64_t>(key >> (p.shift + p.bits)) == p.high;
+  return static_cast<bits_t>(key >> (p.shift + p.bits)) == static_cast<bits_t>(p.high);
 }
 
 template <typename bits_t>
