@@ -76,20 +76,22 @@ int select_digit(const std::vector<int64_t>& counts, int64_t& rank) {
 }
 
 // Radix select of the k-th smallest kept key (k >= 1), most significant digit
-// first. The first pass counts every kept weight, which also checks k.
+// first. The first pass counts every kept weight, which also checks k; the
+// check needs that count, so it happens after one pass, not before.
 MagnitudeSelection select_kth(const char* op, const MagnitudeInputs& in, int64_t k,
                               const MagnitudeKernels& kernels) {
   MagnitudeSelection sel;
   int64_t rank = k - 1;
   uint64_t high = 0;  // the digits chosen so far, as one number
-  for (int remaining = magnitude_key_bits(in.dtype); remaining > 0;) {
+  const int key_bits = magnitude_key_bits(in.dtype);
+  for (int remaining = key_bits; remaining > 0;) {
     RadixPass pass;
     pass.bits = std::min(kRadixBits, remaining);
     pass.shift = remaining - pass.bits;
     pass.high = high;
     std::vector<int64_t> counts(size_t(1) << pass.bits, 0);
     if (!in.weights.empty()) kernels.histogram(in, pass, counts);
-    if (remaining == magnitude_key_bits(in.dtype)) {
+    if (remaining == key_bits) {  // the first pass counts every kept weight
       const int64_t kept = std::accumulate(counts.begin(), counts.end(), int64_t(0));
       TORCH_CHECK(k <= kept, op, ": k=", k, " is more than the number of kept weights (", kept,
                   "): cannot prune more weights than the masks keep");
@@ -108,7 +110,7 @@ MagnitudeSelection select_kth(const char* op, const MagnitudeInputs& in, int64_t
 at::Tensor key_to_tensor(uint64_t key, at::ScalarType dtype, c10::Device device) {
   at::Tensor t = at::empty({}, at::TensorOptions().dtype(dtype));
   const size_t size = t.element_size();
-  // The low `size` bytes of key, on this (little- or big-endian) host.
+  // The key as an unsigned value of the float's width, in host byte order.
   if (size == 2) {
     const uint16_t v = static_cast<uint16_t>(key);
     std::memcpy(t.data_ptr(), &v, 2);
@@ -135,18 +137,9 @@ MagnitudeSelection select(const char* op, const MagnitudeInputs& in, int64_t k,
 }  // namespace
 
 int magnitude_key_bits(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kHalf:
-      return Float16Keys::kKeyBits;
-    case at::kBFloat16:
-      return BFloat16Keys::kKeyBits;
-    case at::kFloat:
-      return Float32Keys::kKeyBits;
-    case at::kDouble:
-      return Float64Keys::kKeyBits;
-    default:
-      TORCH_CHECK(false, "magnitude selection: unsupported dtype ", dtype);
-  }
+  int bits = 0;
+  visit_magnitude_keys(dtype, [&](auto keys) { bits = decltype(keys)::kKeyBits; });
+  return bits;
 }
 
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_impl(at::TensorList weights, at::TensorList masks,

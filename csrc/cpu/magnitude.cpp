@@ -24,9 +24,9 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;
 // Fewer weights than this per thread run on fewer threads: a pass over 512K
-// weights takes about a millisecond, and waking threads for less work costs
-// more than it saves (much more on a loaded machine, where a parallel region
-// waits for a descheduled thread).
+// weights takes a few tenths of a millisecond, and waking threads for less
+// work costs more than it saves (much more on a loaded machine, where a
+// parallel region waits for a descheduled thread).
 constexpr int64_t kParallelElements = 1 << 19;
 constexpr int64_t kParallelChunks = kParallelElements / kChunk;
 

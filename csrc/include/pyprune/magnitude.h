@@ -28,9 +28,10 @@
 
 namespace pyprune {
 
-// Digit width of one histogram pass: 2048 bins, 16 KiB of int64 counters (in
-// L1 on a CPU core) and 8 KiB of uint32 in CUDA shared memory. float32 keys
-// (31 bits) take 3 passes, float16/bfloat16 (15 bits) 2, float64 (63 bits) 6.
+// Digit width of one histogram pass: 2048 bins, small enough for fast memory
+// (the CPU's four uint32 sub-histograms: 32 KiB, L1-sized; CUDA's shared-memory
+// histogram: 8 KiB). float32 keys (31 bits) take 3 passes, float16/bfloat16
+// (15 bits) 2, float64 (63 bits) 6.
 constexpr int kRadixBits = 11;
 constexpr int kRadixBins = 1 << kRadixBits;
 
@@ -126,7 +127,7 @@ C10_HOST_DEVICE inline bool stays_kept_all_ties(bool kept, bits_t key, bits_t th
   return kept & (key > threshold);
 }
 
-// Whether weight at the threshold (kept, key == threshold) adds to the tie rank.
+// Whether a weight is a tie: kept and at the threshold (it adds to the rank).
 template <typename bits_t>
 C10_HOST_DEVICE inline bool is_tie(bool kept, bits_t key, bits_t threshold) {
   return kept & (key == threshold);
