@@ -22,6 +22,10 @@ Exact rules:
 
 Not differentiable: masks and the threshold are a selection (like ``argmax``);
 their outputs never require grad, even when the weights do.
+
+On CUDA every histogram pass is read back to the host to pick the next digit
+(a synchronisation per pass), so the ops cannot be captured in a CUDA graph
+(``torch.compile(mode="reduce-overhead")``); plain ``torch.compile`` works.
 """
 
 from __future__ import annotations
