@@ -101,6 +101,18 @@ TORCH_LIBRARY(pyprune, m) {
       "sparse_masked_linear_grad_weight(Tensor grad_y, Tensor x, Tensor weight, "
       "Tensor row_ptr, Tensor col_idx) -> Tensor",
       tags);
+  // Global magnitude selection for lottery-ticket pruning (one threshold over
+  // many weight tensors): among the weights their bool masks keep, the k with
+  // the smallest |w| go, ties at the threshold in (list index, flat index)
+  // order; NaN counts as the largest magnitude. threshold: that k-th smallest
+  // |w| (weights' dtype, 0-d); ties: how many kept weights equal to it are
+  // pruned (int64, 0-d). Radix select: no concatenation, no sort.
+  m.def("magnitude_threshold(Tensor[] weights, Tensor[] masks, int k) -> (Tensor threshold, Tensor ties)",
+        tags);
+  m.def(
+      "magnitude_prune(Tensor[] weights, Tensor[] masks, int k) "
+      "-> (Tensor[] masks, Tensor threshold, Tensor ties)",
+      tags);
   m.def(
       "_build_info() -> (bool cuda, str cuda_arch_list, str torch_version, "
       "bool openmp)",

@@ -43,8 +43,8 @@ def _load_extension() -> None:
 _load_extension()
 
 from . import nn, ops  # noqa: E402
-from .ops import (apply_mask, masked_conv2d, masked_linear, mask_pack,  # noqa: E402
-                  sparse_masked_linear, taylor_channel_stats, taylor_channel_stats_,
+from .ops import (apply_mask, magnitude_prune, magnitude_threshold, masked_conv2d,  # noqa: E402
+                  masked_linear, mask_pack, sparse_masked_linear, taylor_channel_stats, taylor_channel_stats_,
                   taylor_weight_stats)
 
 
@@ -68,6 +68,8 @@ def build_info() -> dict:
 __all__ = [
     "apply_mask",
     "build_info",
+    "magnitude_prune",
+    "magnitude_threshold",
     "mask_pack",
     "masked_conv2d",
     "masked_linear",

@@ -118,7 +118,8 @@ def select_smallest(weights: Sequence[Tensor], masks: Sequence[Tensor], k: int, 
         raise RuntimeError("select_smallest(impl='op'): this build of pyprune_ext has no "
                            "torch.ops.pyprune.magnitude_prune op")
     kept = _check_inputs(weights, masks, k)
-    result = list(torch.ops.pyprune.magnitude_prune(list(weights), list(masks), k))
+    new_masks, _threshold, _ties = torch.ops.pyprune.magnitude_prune(list(weights), list(masks), k)
+    result = list(new_masks)
     # A cheap guard on the op's contract: exactly k weights removed, none revived.
     left = sum(int(r.sum()) for r in result)
     revived = any(bool((r & ~m).any()) for r, m in zip(result, masks))
