@@ -224,11 +224,14 @@ def run_overhead(args) -> dict:
                 pruner.step()
             optimizer.step()
         steps[setting] = step
-    # Interleaved rounds so that drifting machine load hits every setting alike.
+    # Interleaved rounds so that drifting machine load hits every setting alike,
+    # in a rotated order so that no setting always runs first.
     times = {s: [] for s in steps}
-    for _ in range(args.overhead_rounds):
-        for setting, step in steps.items():
-            times[setting].append(median_seconds(step, args.device, min_run_time=0.1))
+    order = list(steps)
+    for round_index in range(args.overhead_rounds):
+        shift = round_index % len(order)
+        for setting in order[shift:] + order[:shift]:
+            times[setting].append(median_seconds(steps[setting], args.device, min_run_time=0.1))
     base = sorted(times["no pruner"])[len(times["no pruner"]) // 2]
     for setting, values in times.items():
         median = sorted(values)[len(values) // 2]
