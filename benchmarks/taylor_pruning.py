@@ -207,9 +207,9 @@ def run_overhead(args) -> dict:
     x = torch.randn(args.overhead_batch, 3, 224, 224, device=args.device)
     y = torch.randint(0, 1000, (args.overhead_batch,), device=args.device)
     results, rows = {}, []
-    models_by_setting = {"no pruner": None, "fo_bn": "fo_bn", "fo_gate": "fo_gate", "fo_fg": "fo_fg"}
+    criterion_by_setting = {"no pruner": None, "fo_bn": "fo_bn", "fo_gate": "fo_gate", "fo_fg": "fo_fg"}
     steps = {}
-    for setting, criterion in models_by_setting.items():
+    for setting, criterion in criterion_by_setting.items():
         model = torchvision.models.resnet18().to(args.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         pruner = None

@@ -178,12 +178,15 @@ namespace {
 
 // Reached when no backend kernel applies: lists without any tensor (the
 // dispatcher then has no device to go by), or a device without a kernel.
-std::tuple<at::Tensor, at::Tensor> threshold_no_backend(at::TensorList weights, at::TensorList masks,
-                                                        int64_t k) {
-  const char* op = "magnitude_threshold";
+void check_no_backend_needed(const char* op, at::TensorList weights, at::TensorList masks, int64_t k) {
   check_inputs(op, weights, masks, k);
   TORCH_CHECK(weights.empty(), op, ": no kernel for tensors on ", weights[0].device(),
               " (pyprune_ext has CPU kernels, and CUDA kernels when built with CUDA)");
+}
+
+std::tuple<at::Tensor, at::Tensor> threshold_no_backend(at::TensorList weights, at::TensorList masks,
+                                                        int64_t k) {
+  check_no_backend_needed("magnitude_threshold", weights, masks, k);
   const MagnitudeKernels none{nullptr, nullptr};
   return magnitude_threshold_impl(weights, masks, k, none);
 }
@@ -191,10 +194,7 @@ std::tuple<at::Tensor, at::Tensor> threshold_no_backend(at::TensorList weights, 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> prune_no_backend(at::TensorList weights,
                                                                              at::TensorList masks,
                                                                              int64_t k) {
-  const char* op = "magnitude_prune";
-  check_inputs(op, weights, masks, k);
-  TORCH_CHECK(weights.empty(), op, ": no kernel for tensors on ", weights[0].device(),
-              " (pyprune_ext has CPU kernels, and CUDA kernels when built with CUDA)");
+  check_no_backend_needed("magnitude_prune", weights, masks, k);
   const MagnitudeKernels none{nullptr, nullptr};
   return magnitude_prune_impl(weights, masks, k, none);
 }

@@ -144,13 +144,7 @@ at::Tensor masked_linear_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
   const at::Tensor m = mask.contiguous();
   if (blocks == 1) {  // one multi-threaded GEMM, then the in-place masking pass
     at::Tensor grad_w = at::mm(gy2d.t(), x2d);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_linear_grad_weight_cpu", [&] {
-      scalar_t* gw = grad_w.data_ptr<scalar_t>();
-      const bool* mp = m.const_data_ptr<bool>();
-      at::parallel_for(0, grad_w.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-        zero_pruned(gw + begin, mp + begin, end - begin);
-      });
-    });
+    apply_mask_inplace_cpu(grad_w, m);
     return grad_w;
   }
   at::Tensor grad_w = at::empty({out_f, in_f}, x.options());

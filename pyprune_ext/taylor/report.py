@@ -57,14 +57,18 @@ def estimate_layers(before: ModelCost, groups: Sequence, alive: Mapping[int, Ten
             for layer in before.layers]
 
 
+def _totals(before: ModelCost, layers: Sequence[LayerCost]) -> tuple[int, int]:
+    """(MACs, params) of the model with ``layers`` in place of ``before.layers``."""
+    params = before.total_params - sum(l.params for l in before.layers) + sum(l.params for l in layers)
+    macs = before.total_macs - sum(l.macs for l in before.layers) + sum(l.macs for l in layers)
+    return macs, params
+
+
 def estimate_cost(before: ModelCost, groups: Sequence, alive: Mapping[int, Tensor],
                   modules: Mapping[str, nn.Module]) -> tuple[int, int]:
     """(MACs per example, parameters) after removing the channels not alive.
     Exact for Conv/Linear/norm layers; other parameters are unchanged."""
-    layers = estimate_layers(before, groups, alive, modules)
-    params = before.total_params - sum(l.params for l in before.layers) + sum(l.params for l in layers)
-    macs = before.total_macs - sum(l.macs for l in before.layers) + sum(l.macs for l in layers)
-    return macs, params
+    return _totals(before, estimate_layers(before, groups, alive, modules))
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class PruningReport:
             params_after, macs_after = after.total_params, after.total_macs
         else:
             after_layers = estimate_layers(before, groups, alive, modules)
-            macs_after, params_after = estimate_cost(before, groups, alive, modules)
+            macs_after, params_after = _totals(before, after_layers)
         rows = tuple(LayerChange(b.name, b.type, f"{b.in_features}->{b.out_features}",
                                  f"{a.in_features}->{a.out_features}", b.params, a.params, b.macs, a.macs)
                      for b, a in zip(before.layers, after_layers))

@@ -53,6 +53,9 @@ at::Tensor masked_linear_grad_input_one_block(const at::Tensor& grad_y, const at
 at::Tensor masked_linear_grad_weight_one_block(const at::Tensor& grad_y, const at::Tensor& x,
                                                const at::Tensor& mask);
 
+// apply_mask_'s CPU kernel: weight zeroed in place where mask is False.
+void apply_mask_inplace_cpu(at::Tensor& weight, const at::Tensor& mask);
+
 // Whether masked_linear's CPU kernels split this weight into blocks.
 bool masked_linear_cpu_blocked(const at::Tensor& weight);
 
