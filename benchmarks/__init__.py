@@ -1,1 +1,3 @@
-"""Kernel microbenchmarks: `python -m benchmarks.<name>`; each prints a table."""
+"""End-to-end reproductions: `python -m benchmarks.lottery`, `python -m
+benchmarks.taylor_pruning`. The kernel microbenchmarks live in pyprune_ext.bench
+(`pyprune bench <name>`); benchmarks.taylor / masked / magnitude are shims to them."""

@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import prune
 
+from pyprune_ext.bench.common import machine_name, median_seconds, print_table, write_json
 from pyprune_ext.data import load_dataset
 from pyprune_ext.lottery import (LotteryConfig, LotteryRun, MaskSet, classification_evaluator,
                                  classification_step)
 from pyprune_ext.models import lenet300
-
-from .common import machine_name, median_seconds, print_table, write_json
 
 VARIANTS = ("ticket", "reinit", "random")
 

@@ -23,10 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyprune_ext import data, models
+from pyprune_ext.bench.common import machine_name, median_seconds, print_table, write_json
 from pyprune_ext.graph import dependency_groups, zero_channels
 from pyprune_ext.taylor import CRITERIA, Target, TaylorImportance, TaylorPruner
-
-from .common import machine_name, median_seconds, print_table, write_json
 
 
 def oracle_cnn() -> nn.Module:

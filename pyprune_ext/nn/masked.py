@@ -32,7 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import ops
 
 # Density at or below which MaskedLinear uses the sparse path, per device type,
-# chosen from `python -m benchmarks.masked` (see README). On CUDA the sparse
+# chosen from `pyprune bench masked` (see README). On CUDA the sparse
 # kernels have not been shown to beat cuBLAS yet, so they run only when asked
 # for (module.sparse_threshold = 1.0 forces the sparse path, 0.0 forbids it).
 # On the CPU the sparse path wins forward and backward from 10% density down for
