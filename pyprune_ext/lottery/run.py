@@ -396,8 +396,18 @@ class LotteryRun:
         atomic_write_json(self.run_dir / "summary.json", {"config": self.config.to_dict(), "levels": rows})
         return rows
 
-    def run(self) -> List[Dict[str, Any]]:
-        """Runs every level not finished yet; returns the metrics of all levels."""
+    def final_model(self, level: int) -> nn.Module:
+        """A finished level's trained network, read from its files: masked modules
+        (pruned weights zero); :func:`pyprune_ext.nn.unmask_model` turns it into
+        plain torch modules."""
+        if not self._is_done(level):
+            raise ValueError(f"level {level} of {self.run_dir} has not finished")
+        masks = self._load_mask(self.level_dir(level) / "mask.pt").to(self.device)
+        return self._final_model(level, masks)
+
+    def run(self, on_level: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+        """Runs every level not finished yet; returns the metrics of all levels.
+        ``on_level(metrics)`` is called after each level (finished now or earlier)."""
         with _deterministic(self.config.deterministic):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._prepare_dir()
@@ -406,6 +416,8 @@ class LotteryRun:
             for level in self.levels:
                 results.append(self.run_level(level))
                 self._write_summary()
+                if on_level is not None:
+                    on_level(results[-1])
         return results
 
 

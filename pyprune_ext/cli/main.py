@@ -1,0 +1,187 @@
+"""The ``pyprune`` command line (also ``python -m pyprune_ext``).
+
+Exit codes: 0 done; 2 a problem with what was asked (bad option, impossible
+target, missing data, CUDA unavailable), reported in one line without a
+traceback; 130 interrupted (Ctrl-C), with what was kept and how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional
+
+from .common import Console, UsageError, model_choices
+
+DATASETS = ("digits", "fashion-mnist", "mnist")
+COMMANDS = {
+    "taylor": "prune channels with Taylor importance, fine-tune, remove them, export",
+    "lottery": "find lottery tickets by iterative magnitude pruning with rewinding (resumable)",
+    "bench": "run the kernel microbenchmarks and print their tables",
+    "info": "show the versions, what was compiled and the devices seen",
+}
+
+
+# ------------------------------------------------------------------ value types
+
+def _number(kind: Callable, check: Callable, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+FRACTION_KEPT = _number(float, lambda v: 0.0 < v < 1.0, "a fraction kept, strictly between 0 and 1 (0.5 = half)")
+RATE = _number(float, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1")
+POSITIVE_INT = _number(int, lambda v: v >= 1, "an integer >= 1")
+NON_NEGATIVE_INT = _number(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE_FLOAT = _number(float, lambda v: v > 0, "a number > 0")
+
+
+# ---------------------------------------------------------------------- parser
+
+def _shared_options() -> argparse.ArgumentParser:
+    shared = argparse.ArgumentParser(add_help=False)
+    g = shared.add_argument_group("model and data")
+    g.add_argument("--model", choices=model_choices(), help="built-in architecture")
+    g.add_argument("--model-file", metavar="PATH.py:FUNCTION",
+                   help="your own model: FUNCTION(input_shape=(C,H,W), num_classes=K) -> nn.Module "
+                        "(it may take either, both or neither argument)")
+    g.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits: scikit-learn's 8x8 digits, built in (default); fashion-mnist, mnist: IDX files")
+    g.add_argument("--data-dir", metavar="DIR", help="folder with the IDX files (default for fashion-mnist: "
+                                                     "/usr/share/datasets/fashion-mnist, Debian's package)")
+    g = shared.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=POSITIVE_FLOAT, help="training length in epochs")
+    length.add_argument("--iterations", type=POSITIVE_INT, help="training length in minibatches")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=60, help="default 60")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, help="learning rate")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
+    g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="default 0")
+    g = shared.add_argument_group("running")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    g.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's)")
+    g.add_argument("--out", metavar="DIR", help="output folder (default pyprune-runs/<command>-<model>-"
+                                                "<dataset>-seed<seed>; rerunning reuses it)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or notes, just the summary")
+    g.add_argument("--json", action="store_true", help="print the results as JSON on stdout (text goes to stderr)")
+    return shared
+
+
+def _taylor_parser(sub, shared) -> None:
+    from ..taylor import CRITERIA
+    p = sub.add_parser("taylor", parents=[shared], help=COMMANDS["taylor"], description=COMMANDS["taylor"])
+    g = p.add_argument_group("pruning")
+    target = g.add_mutually_exclusive_group()
+    target.add_argument("--target-flops", type=FRACTION_KEPT, help="fraction of FLOPs (MACs) to keep (default 0.5)")
+    target.add_argument("--target-params", type=FRACTION_KEPT, help="fraction of parameters to keep")
+    target.add_argument("--channels", type=POSITIVE_INT, help="number of channels to remove")
+    g.add_argument("--criterion", choices=CRITERIA, default="fo_bn", help="importance estimate (default fo_bn)")
+    g.add_argument("--every", type=POSITIVE_INT, default=10, help="minibatches between pruning steps (default 10)")
+    g.add_argument("--prune-per-step", type=POSITIVE_INT, help="channels per step (default 2%% of them)")
+    g.add_argument("--scope", choices=("global", "local"), default="global", help="ranking (default global)")
+    g.add_argument("--round-to", type=POSITIVE_INT, default=1, help="keep channel counts multiples of this")
+    g.add_argument("--finetune-epochs", type=NON_NEGATIVE_INT, default=4, help="after pruning (default 4)")
+    g.add_argument("--load", metavar="STATE.pt", help="start from this trained state_dict instead of training")
+    g.add_argument("--export", metavar="FILE", help="save the pruned model to load with plain torch "
+                                                    "(torch.export.load(FILE).module())")
+    p.set_defaults(model="resnet20", lr=1e-3, default_epochs=6.0)
+
+
+def _lottery_parser(sub, shared) -> None:
+    p = sub.add_parser("lottery", parents=[shared], help=COMMANDS["lottery"], description=COMMANDS["lottery"])
+    g = p.add_argument_group("iterative magnitude pruning")
+    g.add_argument("--levels", type=NON_NEGATIVE_INT, default=10,
+                   help="pruning levels after the dense one (default 10: 10.7%% of the weights left at rate 0.2)")
+    g.add_argument("--rate", type=RATE, default=0.2, help="fraction of the remaining weights pruned per level "
+                                                          "(default 0.2)")
+    g.add_argument("--output-rate", type=RATE, help="rate of the output layer (the paper: 0.1; default --rate)")
+    g.add_argument("--scope", choices=("layer", "global"), default="layer", help="default layer")
+    g.add_argument("--rewind", type=NON_NEGATIVE_INT, default=0, metavar="ITER",
+                   help="rewind to iteration ITER (0 = the initialisation, default)")
+    g.add_argument("--control", default="reinit,random", metavar="LIST",
+                   help="controls run on the ticket masks: reinit, random, both (default reinit,random) or none")
+    g.add_argument("--eval-every", type=POSITIVE_INT, help="iterations between evaluations (default: each epoch)")
+    g.add_argument("--export", metavar="FILE", help="save a ticket (plain torch modules, zeros in place) to load "
+                                                    "with torch.export.load(FILE).module()")
+    g.add_argument("--export-level", type=NON_NEGATIVE_INT, help="which level to export (default the last)")
+    p.set_defaults(model="lenet300", lr=1.2e-3, default_epochs=20.0)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help=COMMANDS["bench"], description=COMMANDS["bench"])
+    p.add_argument("name", nargs="?", default="all", help="taylor, masked, magnitude or all (default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
+    p.add_argument("--quick", action="store_true", help="a few small cases")
+    p.add_argument("--json-dir", metavar="DIR", help="also write <DIR>/<name>.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyprune", description="Taylor channel pruning and lottery tickets on custom PyTorch ops.",
+        epilog="Run 'pyprune <command> --help' for a command's options.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"pyprune_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    # One shared-options parser per command: argparse's parents share action
+    # objects, so set_defaults on one command would change the other's defaults.
+    _taylor_parser(sub, _shared_options())
+    _lottery_parser(sub, _shared_options())
+    _bench_parser(sub)
+    p = sub.add_parser("info", help=COMMANDS["info"], description=COMMANDS["info"])
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    return parser
+
+
+# ------------------------------------------------------------------------ main
+
+def _handler(command: str):
+    from . import bench, info, lottery, taylor
+    return {"taylor": taylor.run, "lottery": lottery.run, "bench": bench.run, "info": info.run}[command]
+
+
+def _resume_hint(args, console: Console) -> str:
+    out = console.out_dir
+    if args.command == "lottery" and out is not None:
+        return (f"Finished levels and the current level's last checkpoint are kept in {out}; "
+                "rerun the same command to resume.")
+    if args.command == "taylor" and out is not None:
+        return (f"A finished dense training is kept in {out}/dense.pt; rerun the same command to continue "
+                "from it (pruning restarts).")
+    return "Nothing was kept."
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if getattr(args, "model_file", None) and "--model" in (argv if argv is not None else sys.argv[1:]):
+        parser.error("give --model or --model-file, not both")
+    if hasattr(args, "default_epochs"):
+        if args.epochs is None and args.iterations is None:
+            args.epochs = args.default_epochs
+        del args.default_epochs
+    console = Console(quiet=getattr(args, "quiet", False), json_mode=getattr(args, "json", False))
+    try:
+        _handler(args.command)(args, console)
+    except UsageError as err:
+        print(f"pyprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\npyprune {args.command}: interrupted. {_resume_hint(args, console)}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_console() -> None:
+    """The console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Plain training and evaluation loops for the ``pyprune`` subcommands."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .common import UsageError
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    raise UsageError(f"--optimizer must be adam or sgd, got {name!r}")
+
+
+def _batches(loader: DataLoader):
+    """Minibatches forever, epoch after epoch (the loader reshuffles each epoch)."""
+    while True:
+        yield from loader
+
+
+def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
+                steps: int, *, desc: str, progress: bool, after_backward: Optional[Callable[[], Optional[str]]] = None,
+                stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+    """Trains for ``steps`` minibatches (or until ``stop()``), calling
+    ``after_backward()`` between backward and the optimizer step (the Taylor
+    pruner's place); it may return a status shown in the progress bar."""
+    from tqdm.auto import tqdm
+    model.train()
+    started, loss_sum, done, status = time.perf_counter(), 0.0, 0, None
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for inputs, labels in _batches(loader):
+            if done >= steps or (stop is not None and stop()):
+                break
+            inputs, labels = inputs.to(device), labels.to(device)
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                status = after_backward() or status
+            optimizer.step()
+            value = float(loss.detach())
+            if value != value:  # NaN
+                raise UsageError(f"{desc}: the loss became NaN at step {done + 1}; lower --lr")
+            loss_sum, done = loss_sum + value, done + 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {value:.3f}" + (f", {status}" if status else ""), refresh=False)
+    return {"steps": done, "mean_loss": loss_sum / max(done, 1), "seconds": time.perf_counter() - started}
+
+
+def evaluate(evaluator, model: nn.Module, split: str) -> Dict[str, float]:
+    """``evaluator(model, split)`` (a :func:`pyprune_ext.lottery.classification_evaluator`)
+    in eval mode, the model's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluator(model, split)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def inference_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 15) -> float:
+    """Median forward time of ``model(inputs)`` in eval mode, in milliseconds."""
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(3):
+            model(inputs)
+        times = []
+        for _ in range(repeats):
+            if inputs.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(inputs)
+            if inputs.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return 1e3 * statistics.median(times)
