@@ -38,6 +38,16 @@ since the last pruning step):
 A group's score is the sum of its members' scores (a residual stream's channel
 is removed from every layer that writes it). Channels already pruned score 0.
 
+Distributed (DDP): the per-minibatch statistics are summed over the ranks
+before they are squared, in one all-reduce per minibatch, so every rank gets
+the score the whole global minibatch gives. Gate statistics are sums over
+examples of a mean loss's gradient: rank r sends ``n_r * first_r`` and
+``n_r**2 * second_r`` with its example count ``n_r``, and the totals are
+divided by ``N = sum n_r`` (``N**2``), exactly what one process computes on the
+concatenated minibatch. Parameter gradients are averaged over the ranks, as DDP
+averages them (for ``fo_weight`` that all-reduces the filters' gradients: use
+``fo_bn`` or a gate criterion to keep the extra traffic at one value per channel).
+
 Memory: a gate hook keeps a reference to the layer's output only until the
 backward pass reaches that output (autograd usually holds it anyway); nothing
 is stored when the forward runs without gradients.
@@ -51,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import distributed
 from ..ops import taylor_channel_stats, taylor_weight_stats
 
 CRITERIA = ("fo_bn", "fo_gate", "fo_fg", "fo_weight", "so_fisher")
@@ -83,12 +94,18 @@ class Estimator:
     last backward pass left to ``scores`` (one score per channel of each group
     in ``only``), ``detach`` removes everything."""
 
-    def __init__(self, model: nn.Module, groups: Sequence, scores: GroupScores, only: Sequence[int]):
+    def __init__(self, model: nn.Module, groups: Sequence, scores: GroupScores, only: Sequence[int],
+                 sync=None):
         self.model = model
         self.groups = list(groups)
         self.scores = scores
         self.indices = list(only)
+        self.sync = sync  # a distributed.Sync, or None: no synchronisation
         self._handles: list = []
+
+    @property
+    def synchronised(self) -> bool:
+        return self.sync is not None and self.sync.active
 
     def attach(self) -> None:
         pass
@@ -189,8 +206,8 @@ def _gate_score(criterion: str) -> Callable[[Tensor, Tensor, int], Tensor]:
 class GateEstimator(Estimator):
     """fo_gate / fo_fg / so_fisher: hooks at every group's gate points."""
 
-    def __init__(self, model, groups, scores, only, criterion: str = "fo_gate"):
-        super().__init__(model, groups, scores, only)
+    def __init__(self, model, groups, scores, only, criterion: str = "fo_gate", sync=None):
+        super().__init__(model, groups, scores, only, sync)
         self.score = _gate_score(criterion)
         device = scores.sums[0].device if scores.sums else torch.device("cpu")
         self.points: dict[str, _GatePoint] = {}
@@ -206,10 +223,28 @@ class GateEstimator(Estimator):
         for point in self.points.values():
             self._handles.append(point.module.register_forward_hook(point.forward_hook))
 
-    def end_minibatch(self) -> bool:
-        if not any(p.seen for p in self.points.values()):
-            return False
+    def _take_all(self) -> dict[str, tuple[Tensor, Tensor, int]] | None:
+        """Every gate point's minibatch sums (over all ranks when synchronised)."""
+        if not self.synchronised:
+            if not any(p.seen for p in self.points.values()):
+                return None
+            return {name: p.take() for name, p in self.points.items()}
         taken = {name: p.take() for name, p in self.points.items()}
+        device = self.scores.sums[0].device
+        packed = []
+        for first, second, batch in taken.values():
+            packed += [first * batch, second * batch ** 2, torch.tensor([float(batch)], device=device)]
+        distributed.all_reduce_sum_(packed, self.sync.group)
+        out = {}
+        for k, name in enumerate(taken):
+            first, second, batch = packed[3 * k], packed[3 * k + 1], int(packed[3 * k + 2].item())
+            out[name] = (first / max(batch, 1), second / max(batch, 1) ** 2, batch)
+        return out if any(batch for _, _, batch in out.values()) else None
+
+    def end_minibatch(self) -> bool:
+        taken = self._take_all()
+        if taken is None:
+            return False
         for i in self.indices:
             group = self.groups[i]
             total = torch.zeros(group.size, dtype=torch.float64, device=self.scores.sums[i].device)
@@ -254,8 +289,9 @@ class _GradCapture:
 class ParamEstimator(Estimator):
     """fo_bn (BatchNorm gamma/beta gradients) or fo_weight (filter gradients)."""
 
-    def __init__(self, model, groups, scores, only, criterion: str = "fo_bn", square_then_sum: bool = False):
-        super().__init__(model, groups, scores, only)
+    def __init__(self, model, groups, scores, only, criterion: str = "fo_bn", square_then_sum: bool = False,
+                 sync=None):
+        super().__init__(model, groups, scores, only, sync)
         self.criterion, self.square_then_sum = criterion, square_then_sum
         self.modules = dict(model.named_modules())
         self.captures: dict[int, _GradCapture] = {}
@@ -276,9 +312,23 @@ class ParamEstimator(Estimator):
         super().detach()
         self.captures.clear()
 
-    def end_minibatch(self) -> bool:
+    def _take_all(self) -> dict[int, Tensor] | None:
+        """This backward pass's gradients (averaged over the ranks when synchronised)."""
         grads = {key: c.take() for key, c in self.captures.items()}
-        if all(g is None for g in grads.values()):
+        if not self.synchronised:
+            return None if all(g is None for g in grads.values()) else grads
+        if not grads:
+            return None
+        full = [g if g is not None else torch.zeros_like(self.captures[key].param.detach())
+                for key, g in grads.items()]
+        contributed = torch.tensor([float(any(g is not None for g in grads.values()))], device=full[0].device)
+        distributed.all_reduce_sum_([contributed] + full, self.sync.group)
+        ranks = int(contributed.item())  # ranks that ran a backward pass (normally all)
+        return {key: g / ranks for key, g in zip(grads, full)} if ranks else None
+
+    def end_minibatch(self) -> bool:
+        grads = self._take_all()
+        if grads is None:
             return False
         for i in self.indices:
             group = self.groups[i]
@@ -317,7 +367,7 @@ class TaylorImportance:
     mean score per channel over the minibatches since :meth:`reset`."""
 
     def __init__(self, model: nn.Module, groups: Sequence, criterion: str = "fo_bn",
-                 square_then_sum: bool = False, device: torch.device | str | None = None):
+                 square_then_sum: bool = False, device: torch.device | str | None = None, sync=None):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown Taylor criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         if device is None:
@@ -332,13 +382,15 @@ class TaylorImportance:
             affine = lambda g: g.bn and all(modules[m.name].weight is not None for m in g.bn)  # noqa: E731
             with_bn = [i for i in everything if affine(self.groups[i])]
             without = [i for i in everything if not affine(self.groups[i])]
-            self.parts: list[Estimator] = [ParamEstimator(model, groups, self.scores, with_bn, "fo_bn")]
+            self.parts: list[Estimator] = [ParamEstimator(model, groups, self.scores, with_bn, "fo_bn",
+                                                          sync=sync)]
             if without:  # no BatchNorm after the producer: the gate score is the same quantity
-                self.parts.append(GateEstimator(model, groups, self.scores, without, "fo_gate"))
+                self.parts.append(GateEstimator(model, groups, self.scores, without, "fo_gate", sync))
         elif criterion == "fo_weight":
-            self.parts = [ParamEstimator(model, groups, self.scores, everything, "fo_weight", square_then_sum)]
+            self.parts = [ParamEstimator(model, groups, self.scores, everything, "fo_weight", square_then_sum,
+                                         sync)]
         else:
-            self.parts = [GateEstimator(model, groups, self.scores, everything, criterion)]
+            self.parts = [GateEstimator(model, groups, self.scores, everything, criterion, sync)]
 
     def attach(self) -> "TaylorImportance":
         for part in self.parts:

@@ -21,6 +21,23 @@ optimizer state), until the target is reached. Scores are the mean over the
 minibatches since the previous pruning step, smoothed across steps by an
 exponential moving average (``momentum``). With ``scope="local"`` every group
 loses the same fraction of its live channels per step instead.
+
+Distributed training (DDP, launched with ``torchrun``): pass the
+DistributedDataParallel-wrapped model (or the module inside it) on every rank.
+The statistics are all-reduced every minibatch (see
+:mod:`pyprune_ext.taylor.estimators`), so every rank ranks the same scores and
+masks the same channels; a checksum all-reduce verifies it at each pruning step
+and after ``finalize()``. ``finalize()`` changes the parameters' shapes, so the
+DDP wrapper and the optimizer must be rebuilt around the returned module::
+
+    small = pruner.finalize()
+    model = DistributedDataParallel(small)          # new wrapper over the pruned module
+    optimizer = torch.optim.SGD(model.parameters(), ...)
+
+BatchNorm normalises each rank's local batch unless it is converted to
+``torch.nn.SyncBatchNorm``; the pruning decisions are identical on every rank
+either way. FSDP-sharded models are refused (each rank sees a shard of every
+weight).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
 from .estimators import TaylorImportance
@@ -125,6 +143,10 @@ class TaylorPruner:
             (a per-layer normalisation; off by default, as in the paper).
         square_then_sum: ``fo_weight`` only: sum of squares instead of square of sum.
         groups: precomputed :func:`pyprune_ext.graph.dependency_groups` (optional).
+        distributed: None (default): synchronise the statistics over the ranks
+            when torch.distributed is initialised with more than one process;
+            True: require that; False: never (each process prunes on its own).
+        process_group: the process group to synchronise over (default: the world).
 
     Groups the analysis marks unprunable, and groups where zeroing a channel is
     not the same as removing it (``exact_masking`` False, e.g. coupled to a
@@ -134,8 +156,11 @@ class TaylorPruner:
     def __init__(self, model: nn.Module, example_inputs, criterion: str = "fo_bn", *, target=None,
                  prune_per_step: int | None = None, every: int = 30, ignore: Iterable[nn.Module] = (),
                  round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool = False,
-                 square_then_sum: bool = False, groups: Sequence | None = None):
+                 square_then_sum: bool = False, groups: Sequence | None = None,
+                 distributed: bool | None = None, process_group=None):
         self.target = _as_target(target)
+        model = dist_utils.unwrap_model(model, "TaylorPruner")
+        self.sync = dist_utils.sync_for(distributed, process_group)
         if every < 1:
             raise ValueError(f"every must be >= 1 minibatch, got {every}")
         if round_to < 1:
@@ -157,7 +182,8 @@ class TaylorPruner:
             raise ValueError(f"prune_per_step must be >= 1, got {prune_per_step}")
         device = next(model.parameters()).device
         self.alive = {i: torch.ones(self.groups[i].size, dtype=torch.bool) for i in self.prunable}
-        self.importance = TaylorImportance(model, self.groups, criterion, square_then_sum, device).attach()
+        self.importance = TaylorImportance(model, self.groups, criterion, square_then_sum, device,
+                                           sync=self.sync).attach()
         self._ema: dict[int, Tensor] = {}
         self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (param, channel indices along dim 0)
         self._modules = dict(model.named_modules())
@@ -187,6 +213,8 @@ class TaylorPruner:
         scores = self._smoothed_scores()
         self.importance.reset()
         chosen = self._choose(scores)
+        self._check_ranks_agree(f"pruning step {len(self.history) + 1}'s channels",
+                                [torch.tensor([i] + list(c)) for i, c in sorted(chosen.items())])
         if not chosen:
             self._finish("no channel left to prune: every group is at its minimum size")
             return None
@@ -297,6 +325,16 @@ class TaylorPruner:
                 self._zeroed[id(param)] = (param, rows)
         self._zero_now(None)
 
+    def _check_ranks_agree(self, what: str, tensors) -> None:
+        if self.sync is not None:
+            dist_utils.check_same_on_all_ranks(what, dist_utils.tensor_bytes(tensors), self.sync.group,
+                                               self._sync_device())
+
+    def _sync_device(self) -> torch.device:
+        # NCCL communicates CUDA tensors only; gloo takes CPU tensors.
+        backend = torch.distributed.get_backend(self.sync.group)
+        return next(self.model.parameters()).device if backend == "nccl" else torch.device("cpu")
+
     @torch.no_grad()
     def _zero_now(self, optimizer) -> None:
         for param, rows in self._zeroed.values():
@@ -355,13 +393,16 @@ class TaylorPruner:
     def finalize(self) -> nn.Module:
         """Removes the masked channels physically and returns the model: plain
         torch modules, no hooks, nothing from pyprune_ext needed to run it.
-        Optimizers built on the old parameters must be rebuilt."""
+        Optimizers built on the old parameters must be rebuilt, and so must a
+        DistributedDataParallel wrapper (the module inside it is returned)."""
         if self.finalized:
             return self.model
         self.importance.detach()
         self._hook.remove()
         keep = {i: a.nonzero().flatten() for i, a in self.alive.items() if not bool(a.all())}
         remove_channels(self.model, self.groups, keep)
+        self._check_ranks_agree("the finalized model's parameter shapes",
+                                [torch.tensor(p.shape) for p in self.model.parameters()])
         self.finalized = True
         self.done = True
         self.cost_after = count_cost(self.model, self.example_inputs)
