@@ -42,14 +42,21 @@ def all_reduce_sum_(tensors: Sequence[Tensor], group=None) -> None:
     (the tensors are packed into one float64 buffer and unpacked after)."""
     if not is_active(group) or not tensors:
         return
-    device = tensors[0].device
+    device = comm_device(group)
     flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
     torch.distributed.all_reduce(flat, group=group)
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
+        t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
+
+
+def comm_device(group=None) -> torch.device:
+    """Where collective buffers must live: the current GPU for NCCL, else the CPU (gloo)."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _checksum(parts: Iterable[bytes]) -> int:
@@ -59,14 +66,13 @@ def _checksum(parts: Iterable[bytes]) -> int:
     return int.from_bytes(digest.digest()[:7], "little")  # fits a float64 exactly
 
 
-def check_same_on_all_ranks(what: str, parts: Iterable[bytes], group=None, device=None) -> None:
+def check_same_on_all_ranks(what: str, parts: Iterable[bytes], group=None) -> None:
     """Raises RuntimeError on every rank unless all ranks passed the same bytes
     (compared through a checksum: one all-reduce of MIN and one of MAX)."""
     if not is_active(group):
         return
     value = float(_checksum(parts))
-    device = device or torch.device("cpu")
-    low = torch.tensor([value], dtype=torch.float64, device=device)
+    low = torch.tensor([value], dtype=torch.float64, device=comm_device(group))
     high = low.clone()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)

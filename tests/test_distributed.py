@@ -4,9 +4,12 @@ minibatches."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,61 @@ def test_single_process_needs_no_process_group():
     tensors = [torch.ones(3)]
     dist_utils.all_reduce_sum_(tensors)  # no-op
     assert torch.equal(tensors[0], torch.ones(3))
+
+
+# ---------------------------------------------------------------------- lottery
+
+def lottery_files(run_dir: Path, variant: str, level: int):
+    level_dir = run_dir / variant / f"level_{level:02d}"
+    masks = torch.load(level_dir / "mask.pt", weights_only=True)["masks"]
+    final = torch.load(level_dir / "final.pt", weights_only=True)
+    metrics = json.loads((level_dir / "metrics.json").read_text())
+    return masks, final, metrics
+
+
+def assert_same_run(a: Path, b: Path, levels: dict) -> None:
+    for variant, numbers in levels.items():
+        for level in numbers:
+            masks_a, final_a, metrics_a = lottery_files(a, variant, level)
+            masks_b, final_b, metrics_b = lottery_files(b, variant, level)
+            assert masks_a.keys() == masks_b.keys()
+            assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a), (variant, level)
+            for name in final_a:
+                torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-9, atol=1e-12)
+            assert metrics_a["early_stop"]["iteration"] == metrics_b["early_stop"]["iteration"]
+            for key in ("val_accuracy", "test_accuracy"):
+                assert [e[key] for e in metrics_a["evaluations"]] == [e[key] for e in metrics_b["evaluations"]]
+
+
+@needs_distributed
+def test_two_process_lottery_run_matches_one_process(tmp_path):
+    launch(1, HERE / "ddp_lottery_worker.py", tmp_path / "one", 2, 60, "random")
+    launch(2, HERE / "ddp_lottery_worker.py", tmp_path / "two", 2, 60, "random")
+    assert_same_run(tmp_path / "one", tmp_path / "two", {"ticket": [0, 1, 2], "random": [1, 2]})
+    # Rank 1 wrote nothing: no stray temporary files, one set of results.
+    assert not list((tmp_path / "two").rglob("*.tmp"))
+
+
+@needs_distributed
+def test_a_killed_rank_fails_the_job_and_the_rerun_resumes(tmp_path):
+    run_dir, args = tmp_path / "two", (2, 400)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(HERE / "ddp_lottery_worker.py"), str(run_dir), *map(str, args)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "ticket" / "level_01" / "checkpoint.pt").exists():
+        assert job.poll() is None, job.stderr.read()[-4000:]
+        assert time.monotonic() < deadline, "level 1 never checkpointed"
+        time.sleep(0.05)
+    os.kill(int(Path(f"{run_dir}.pid1").read_text()), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0  # torchrun stops the other rank and fails the job
+    assert (run_dir / "ticket" / "level_00" / "done").is_file()
+    assert not (run_dir / "ticket" / "level_02" / "done").exists()
+    finished = (run_dir / "ticket" / "level_00" / "final.pt").stat().st_mtime_ns
+
+    launch(2, HERE / "ddp_lottery_worker.py", run_dir, *args)
+    assert (run_dir / "ticket" / "level_00" / "final.pt").stat().st_mtime_ns == finished  # not recomputed
+    launch(1, HERE / "ddp_lottery_worker.py", tmp_path / "one", *args)
+    assert_same_run(tmp_path / "one", run_dir, {"ticket": [0, 1, 2]})

@@ -24,6 +24,16 @@ train levels 1..levels on the masks of another run (``control_source``).
 Resume: rerunning the same command skips finished levels, reuses a level's saved
 mask, and continues an unfinished level from its checkpoint (at most one epoch
 old, see :mod:`.training`).
+
+Distributed (DDP, launched with ``torchrun``; automatic when torch.distributed is
+initialised with more than one process): every rank trains the same network
+wrapped in DistributedDataParallel on its contiguous part of each global batch
+(``batch_size`` is the global batch), so the run is the 1-process run up to
+rounding. Only rank 0 writes the run directory, which every rank must be able to
+read (one machine, or a shared file system); each level's masks are computed on
+every rank from the same files and verified identical by a checksum
+all-reduce, and the ranks meet at a barrier after each level. Checkpoints hold
+the unwrapped model, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import distributed as dist_utils
 from .config import LotteryConfig, config_differences
 from .controls import control_masks, random_reinit
 from .data_order import DataOrder
@@ -115,13 +126,17 @@ class LotteryRun:
         optimizer_factory: ``params -> Optimizer`` to replace ``config.optimizer``
             (not recorded in config.json: keep it fixed for a run directory).
         eval_splits: splits evaluated each time; must include ``"val"`` (early stopping).
-        progress: show tqdm bars and one line per finished level.
+        progress: show tqdm bars and one line per finished level (rank 0 only).
+        distributed: None (default): run distributed when torch.distributed is
+            initialised with more than one process; True: require it; False: never.
+        process_group: the process group (default: the world).
     """
 
     def __init__(self, model_factory: Union[nn.Module, ModelFactory], train_step: TrainStep, evaluate: Evaluate,
                  config: LotteryConfig, run_dir: PathLike, *, train_data: Dataset,
                  optimizer_factory: Optional[OptimizerFactory] = None,
-                 eval_splits: Sequence[str] = ("val", "test"), progress: bool = True):
+                 eval_splits: Sequence[str] = ("val", "test"), progress: bool = True,
+                 distributed: Optional[bool] = None, process_group=None):
         if not isinstance(config, LotteryConfig):
             raise TypeError(f"config must be a LotteryConfig, got {type(config).__name__}")
         config.validate()
@@ -136,7 +151,10 @@ class LotteryRun:
         self.config, self.run_dir = config, Path(run_dir)
         self.train_data, self.optimizer_factory = train_data, optimizer_factory
         self.eval_splits = list(eval_splits) + (["train"] if config.eval_train and "train" not in eval_splits else [])
-        self.progress = progress
+        self.sync = dist_utils.sync_for(distributed, process_group)
+        self.rank, self.world = dist_utils.rank(process_group), dist_utils.world_size(process_group)
+        self.writer = self.rank == 0 or self.sync is None  # only rank 0 writes the run directory
+        self.progress = progress and self.writer
         self.device = torch.device(config.device)
         self.source_dir = None if config.control == "none" else Path(config.control_source)
         data_order = self._data_order()
@@ -145,6 +163,25 @@ class LotteryRun:
             raise ValueError(f"rewind_iteration={config.rewind_iteration} must be below the "
                              f"{self.total_iterations} training iterations")
         self.batches_per_epoch = data_order.batches_per_epoch
+        self._check_shards(len(train_data))
+
+    def _check_shards(self, size: int) -> None:
+        """Every rank needs at least one example of every batch, the last one included."""
+        if self.sync is None:
+            return
+        batch = self.config.batch_size
+        smallest = min(batch, size % batch or batch)
+        if smallest < self.world:
+            raise ValueError(f"{self.world} processes need batches of at least {self.world} examples; the "
+                             f"{size} training examples in batches of {batch} leave a batch of {smallest}")
+
+    def _shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch."""
+        return torch.tensor_split(indices, self.world)[self.rank]
+
+    def _barrier(self) -> None:
+        if self.sync is not None:
+            dist_utils.barrier(self.sync.group)
 
     # ------------------------------------------------------------------ paths
 
@@ -172,13 +209,14 @@ class LotteryRun:
             if diffs:
                 raise ValueError(f"{self.run_dir} holds a run with a different config; use another directory "
                                  f"(runs are never mixed). Differences:\n  " + "\n  ".join(diffs))
-            if saved.get("levels") != current["levels"]:
+            if saved.get("levels") != current["levels"] and self.writer:
                 atomic_write_json(path, current)
             return
         if any(self.run_dir.glob("level_*")):
             raise ValueError(f"{self.run_dir} has level folders but no config.json: it is not a run directory "
                              "this code wrote (or config.json was deleted); use another directory")
-        atomic_write_json(path, current)
+        if self.writer:
+            atomic_write_json(path, current)
 
     def _check_source(self) -> None:
         """A control's source must be a finished-enough ticket run with the same recipe."""
@@ -204,7 +242,7 @@ class LotteryRun:
         missing = [f for f in _LEVEL_FILES if not (d / f).is_file()]
         if missing:
             raise RuntimeError(f"{d} is marked done but lacks {missing}; delete the folder to recompute the level")
-        if directory is None:  # a kill between the done marker and the cleanup leaves it behind
+        if directory is None and self.writer:  # a kill between the done marker and the cleanup leaves it
             (d / "checkpoint.pt").unlink(missing_ok=True)
         return True
 
@@ -254,14 +292,21 @@ class LotteryRun:
         """The level's saved mask if there is one (a resumed level), else computed and saved."""
         path = self.level_dir(level) / "mask.pt"
         if path.is_file():
-            return self._load_mask(path)
-        masks = self._compute_masks(level)
-        masks.save(path)
+            masks = self._load_mask(path)
+        else:
+            masks = self._compute_masks(level)
+            if self.writer:
+                masks.save(path)
+        if self.sync is not None:
+            dist_utils.check_same_on_all_ranks(f"level {level}'s masks", dist_utils.tensor_bytes(masks.values()),
+                                               self.sync.group)
         return masks
 
     # ------------------------------------------------------------ start state
 
     def _capture_point(self, model, optimizer, scheduler, data_order, iteration: int) -> None:
+        if not self.writer:
+            return
         point = RewindPoint.capture(model, iteration, optimizer if self.config.rewind_optimizer else None,
                                     scheduler, data_order)
         point.save(self.rewind_point_path)
@@ -301,7 +346,7 @@ class LotteryRun:
         c = self.config
         model, optimizer, scheduler, data_order, start = self._start(level, masks)
         directory = self.level_dir(level)
-        if not (directory / "rewind.pt").is_file() and (level > 0 or c.control != "none"):
+        if self.writer and not (directory / "rewind.pt").is_file() and (level > 0 or c.control != "none"):
             save_tensors(model_state(model), directory / "rewind.pt")
         ticket_level0 = level == 0 and c.control == "none"
         k = c.rewind_iteration
@@ -317,16 +362,24 @@ class LotteryRun:
             eval_splits=self.eval_splits, start_iteration=start, total_iterations=self.total_iterations,
             eval_every=c.eval_every or epoch, checkpoint_every=min(c.checkpoint_every or epoch, epoch),
             checkpoint_path=directory / "checkpoint.pt", device=self.device, after_step=after_step,
-            progress=progress)
+            progress=progress, writer=self.writer, sync=self.sync,
+            train_model=self._ddp(model), shard=None if self.sync is None else self._shard)
         resumed = trainer.resume_if_possible()
         if ticket_level0:
             if not resumed and k == 0:
                 self._capture_point(model, optimizer, scheduler, data_order, 0)
-            if trainer.iteration >= k and not self.rewind_point_path.is_file():
+            if self.writer and trainer.iteration >= k and not self.rewind_point_path.is_file():
                 raise RuntimeError(f"{self.rewind_point_path} is missing but level 0 has passed iteration {k}; "
                                    "delete level_00 to retrain it")
         trainer.run()
         return model, trainer
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        """The module train_step gets: a DDP wrapper in a distributed run."""
+        if self.sync is None:
+            return model
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.sync.group)
 
     def _check_pruned_zero(self, model: nn.Module, masks: MaskSet, level: int) -> None:
         params = dict(model.named_parameters())
@@ -340,7 +393,8 @@ class LotteryRun:
         started = time.perf_counter()
         self._check_pruned_zero(model, masks, level)
         directory = self.level_dir(level)
-        save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, directory / "final.pt")
+        if self.writer:
+            save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, directory / "final.pt")
         remaining = masks.remaining()
         metrics = {
             "level": level, "control": self.config.control, "seed": self.config.seed,
@@ -354,10 +408,12 @@ class LotteryRun:
             "train_time_s": trainer.train_seconds, "step_time_ms": trainer.step_time_ms,
         }
         metrics["wall_time_s"] = setup_seconds + trainer.elapsed + (time.perf_counter() - started)
-        atomic_write_json(directory / "metrics.json", metrics)
-        # The done marker goes last: everything the level produced is on disk.
-        atomic_write_text(directory / "done", json.dumps({"level": level, "finished": time.time()}) + "\n")
-        (directory / "checkpoint.pt").unlink(missing_ok=True)
+        if self.writer:
+            atomic_write_json(directory / "metrics.json", metrics)
+            # The done marker goes last: everything the level produced is on disk.
+            atomic_write_text(directory / "done", json.dumps({"level": level, "finished": time.time()}) + "\n")
+            (directory / "checkpoint.pt").unlink(missing_ok=True)
+        self._barrier()  # the other ranks read this level's files from here on
         return metrics
 
     def run_level(self, level: int) -> Dict[str, Any]:
@@ -392,6 +448,8 @@ class LotteryRun:
 
     def _write_summary(self) -> List[Dict[str, Any]]:
         rows = self.summary()
+        if not self.writer:
+            return rows
         atomic_write_text(self.run_dir / "summary.csv", summary_csv(rows))
         atomic_write_json(self.run_dir / "summary.json", {"config": self.config.to_dict(), "levels": rows})
         return rows
@@ -409,8 +467,12 @@ class LotteryRun:
         """Runs every level not finished yet; returns the metrics of all levels.
         ``on_level(metrics)`` is called after each level (finished now or earlier)."""
         with _deterministic(self.config.deterministic):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._prepare_dir()
+            if self.writer:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._prepare_dir()
+            self._barrier()  # config.json is written: the other ranks check it
+            if not self.writer:
+                self._prepare_dir()
             self._check_source()
             results = []
             for level in self.levels:

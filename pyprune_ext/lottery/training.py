@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..distributed import all_reduce_sum_, world_size
 from .config import LotteryConfig
 from .data_order import DataOrder, fetch_batch
 from .io import load_tensors, save_tensors
@@ -90,14 +91,25 @@ class LevelTraining:
         after_step: called as ``after_step(iteration)`` after each update (the
             runner captures the rewind point there).
         progress: a tqdm description, or None for no bar.
+        train_model: what ``train_step`` gets (a DistributedDataParallel wrapper
+            of ``model`` in a distributed run); default ``model``.
+        shard: picks this process's part of each global batch's indices
+            (distributed runs); default: the whole batch.
+        writer: whether this process writes the checkpoint (rank 0 only).
+        sync: a :class:`pyprune_ext.distributed.Sync` to average the running
+            training loss over the ranks at each evaluation.
     """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data_order: DataOrder,
                  train_data: Dataset, train_step: TrainStep, evaluate: Evaluate, eval_splits: Sequence[str],
                  start_iteration: int, total_iterations: int, eval_every: int, checkpoint_every: int,
                  checkpoint_path: Path, device: torch.device,
-                 after_step: Optional[Callable[[int], None]] = None, progress: Optional[str] = None):
+                 after_step: Optional[Callable[[int], None]] = None, progress: Optional[str] = None,
+                 train_model: Optional[nn.Module] = None, shard: Optional[Callable[[Tensor], Tensor]] = None,
+                 writer: bool = True, sync=None):
         self.model, self.optimizer, self.scheduler, self.data_order = model, optimizer, scheduler, data_order
+        self.train_model = model if train_model is None else train_model
+        self.shard, self.writer, self.sync = shard, writer, sync
         self.train_data, self.train_step, self.evaluate = train_data, train_step, evaluate
         self.eval_splits = list(eval_splits)
         self.iteration, self.total = start_iteration, total_iterations
@@ -127,7 +139,8 @@ class LevelTraining:
         }
 
     def save_checkpoint(self) -> None:
-        save_tensors(self._checkpoint_state(), self.checkpoint_path)
+        if self.writer:
+            save_tensors(self._checkpoint_state(), self.checkpoint_path)
 
     def _restore(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
@@ -161,6 +174,10 @@ class LevelTraining:
 
     @torch.no_grad()
     def _evaluate(self) -> Dict[str, Any]:
+        if self.sync is not None:  # every rank saw its part of the same batches: average over ranks
+            losses = [torch.tensor([self.loss_sum])]
+            all_reduce_sum_(losses, self.sync.group)
+            self.loss_sum = float(losses[0]) / world_size(self.sync.group)
         record: Dict[str, Any] = {"iteration": self.iteration,
                                   "train_loss_running": self.loss_sum / self.loss_count if self.loss_count else None}
         was_training = self.model.training
@@ -181,8 +198,11 @@ class LevelTraining:
     # ----------------------------------------------------------------- loop
 
     def _step(self) -> float:
-        batch = to_device(fetch_batch(self.train_data, self.data_order.next_indices()), self.device)
-        loss = _loss_value(self.train_step(self.model, batch, self.optimizer))
+        indices = self.data_order.next_indices()
+        if self.shard is not None:
+            indices = self.shard(indices)
+        batch = to_device(fetch_batch(self.train_data, indices), self.device)
+        loss = _loss_value(self.train_step(self.train_model, batch, self.optimizer))
         if self.scheduler is not None:
             self.scheduler.step()
         return loss

@@ -327,13 +327,7 @@ class TaylorPruner:
 
     def _check_ranks_agree(self, what: str, tensors) -> None:
         if self.sync is not None:
-            dist_utils.check_same_on_all_ranks(what, dist_utils.tensor_bytes(tensors), self.sync.group,
-                                               self._sync_device())
-
-    def _sync_device(self) -> torch.device:
-        # NCCL communicates CUDA tensors only; gloo takes CPU tensors.
-        backend = torch.distributed.get_backend(self.sync.group)
-        return next(self.model.parameters()).device if backend == "nccl" else torch.device("cpu")
+            dist_utils.check_same_on_all_ranks(what, dist_utils.tensor_bytes(tensors), self.sync.group)
 
     @torch.no_grad()
     def _zero_now(self, optimizer) -> None:
