@@ -134,3 +134,37 @@ def test_a_killed_rank_fails_the_job_and_the_rerun_resumes(tmp_path):
     assert (run_dir / "ticket" / "level_00" / "final.pt").stat().st_mtime_ns == finished  # not recomputed
     launch(1, HERE / "ddp_lottery_worker.py", tmp_path / "one", *args)
     assert_same_run(tmp_path / "one", run_dir, {"ticket": [0, 1, 2]})
+
+
+# ------------------------------------------------------------- pyprune --nproc
+
+def pyprune(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyprune_ext", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+@needs_distributed
+def test_pyprune_nproc_2_runs_both_commands_with_one_report(tmp_path):
+    lottery = pyprune("lottery", "--nproc", 2, "--levels", 1, "--iterations", 40, "--control", "random",
+                      "--quiet", "--json", "--out", tmp_path / "lottery", cwd=tmp_path)
+    assert lottery.returncode == 0, lottery.stderr[-4000:]
+    payload = json.loads(lottery.stdout)  # one JSON document: only rank 0 reports
+    assert [(r["variant"], r["level"]) for r in payload["levels"]] == [("ticket", 0), ("ticket", 1), ("random", 1)]
+    assert payload["levels"][1]["remaining_pct"] == pytest.approx(80.0, abs=0.05)
+    assert all(r["early_stop_test_accuracy"] > 0.5 for r in payload["levels"])
+    assert (tmp_path / "lottery" / "accuracy_vs_remaining.png").is_file()
+    assert not list((tmp_path / "lottery").rglob("*.tmp"))
+
+    taylor = pyprune("taylor", "--nproc", 2, "--model", "conv2", "--epochs", 1, "--finetune-epochs", 0,
+                     "--target-flops", 0.7, "--quiet", "--json", "--out", tmp_path / "taylor", cwd=tmp_path)
+    assert taylor.returncode == 0, taylor.stderr[-4000:]
+    metrics = json.loads(taylor.stdout)
+    assert metrics["flops_kept"] <= 0.7 and metrics["pruned"]["test_accuracy"] > 0.5
+    assert (tmp_path / "taylor" / "pruned_state.pt").is_file()
+
+
+def test_pyprune_nproc_checks_before_launching(tmp_path):
+    for argv, message in [(["--dataset", "mnist"], "--data-dir"), (["--batch-size", "1"], "--batch-size 1 is the global batch")]:
+        result = pyprune("lottery", "--nproc", 2, *argv, "--out", tmp_path, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "torch.distributed" not in result.stderr and "Traceback" not in result.stderr

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import data as data_lib
+from .. import distributed
 from .. import models as model_lib
 from ..lottery.io import atomic_write_json, atomic_write_text
 
@@ -32,8 +33,9 @@ class Console:
     human-readable text goes to stderr; ``--quiet`` drops progress chatter (not
     the final summary, not errors)."""
 
-    def __init__(self, quiet: bool = False, json_mode: bool = False):
-        self.quiet, self.json_mode = quiet, json_mode
+    def __init__(self, quiet: bool = False, json_mode: bool = False, silent: bool = False):
+        self.quiet, self.json_mode = quiet or silent, json_mode
+        self.silent = silent  # ranks other than 0 of a --nproc run say nothing
         self.out_dir: Optional[Path] = None  # set once known, for the Ctrl-C resume hint
 
     @property
@@ -48,10 +50,11 @@ class Console:
 
     def result(self, text: str) -> None:
         """The human-readable summary: to stdout, or stderr under --json."""
-        print(text, file=sys.stderr if self.json_mode else sys.stdout, flush=True)
+        if not self.silent:
+            print(text, file=sys.stderr if self.json_mode else sys.stdout, flush=True)
 
     def emit_json(self, payload: Any) -> None:
-        if self.json_mode:
+        if self.json_mode and not self.silent:
             print(json.dumps(payload, indent=2), flush=True)
 
 
@@ -183,13 +186,29 @@ def check_model_runs(model: nn.Module, example: torch.Tensor, num_classes: int) 
 
 # ------------------------------------------------------------------ output folder
 
+def is_writer() -> bool:
+    """Rank 0 (or a single process) writes files and prints; other ranks do neither."""
+    return distributed.rank() == 0
+
+
+def preflight(args) -> None:
+    """The checks that make every process of a --nproc run fail the same way,
+    run once before launching them: device, data, model."""
+    resolve_device(args.device)
+    splits = load_splits(args.dataset, args.data_dir, args.seed)
+    check_model_runs(model_factory(args, splits)(), splits.train.tensors[0][:2], splits.num_classes)
+
+
+def default_output_dir(args, command: str) -> Path:
+    if args.out:
+        return Path(args.out).expanduser()
+    return Path("pyprune-runs") / f"{command}-{model_label(args)}-{args.dataset}-seed{args.seed}"
+
+
 def output_dir(args, command: str) -> Path:
     """``--out``, or ``pyprune-runs/<command>-<model>-<dataset>-seed<seed>`` (a fixed
     name, so that rerunning the same command finds and resumes its folder)."""
-    if args.out:
-        out = Path(args.out).expanduser()
-    else:
-        out = Path("pyprune-runs") / f"{command}-{model_label(args)}-{args.dataset}-seed{args.seed}"
+    out = default_output_dir(args, command)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     try:

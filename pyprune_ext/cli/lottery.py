@@ -23,7 +23,7 @@ import torch
 from ..lottery import LotteryConfig, LotteryRun, classification_evaluator, classification_step
 from ..nn import unmask_model
 from . import plots
-from .common import (Console, UsageError, check_model_runs, format_table, load_splits, model_factory,
+from .common import (Console, UsageError, check_model_runs, format_table, is_writer, load_splits, model_factory,
                      model_label, output_dir, percent, resolve_device, set_threads, write_csv, write_json)
 from .export import export_model
 
@@ -70,6 +70,7 @@ def _runs(args, device, splits, build, out: Path, console: Console) -> Dict[str,
 
 def _run_all(runs: Dict[str, LotteryRun], console: Console) -> Dict[str, List[Dict[str, Any]]]:
     from tqdm.auto import tqdm
+    # In a --nproc run LotteryRun trains under DDP by itself (rank 0 writes and shows progress).
     total = sum(len(run.levels) for run in runs.values())
     results = {}
     with tqdm(total=total, desc="levels", unit="level", disable=not console.progress, dynamic_ncols=True) as bar:
@@ -134,6 +135,8 @@ def run(args, console: Console) -> Dict[str, Any]:
                  f"{args.levels} levels of {100 * args.rate:g}% ({args.scope}), rewind to iteration {args.rewind}, "
                  f"{ticket.total_iterations} iterations per level, output in {out}")
     results = _run_all(runs, console)
+    if not is_writer():  # the other ranks of a --nproc run: rank 0 reports
+        return {}
     rows = _rows(results)
     write_csv(out / "summary.csv", rows)
     plots.lottery_curves(results, "early_stop_test_accuracy", "test accuracy at early stop (%)",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
-from .common import Console, UsageError, model_choices
+from . import launch
+from .common import Console, UsageError, default_output_dir, model_choices, preflight
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 COMMANDS = {
@@ -68,6 +70,9 @@ def _shared_options() -> argparse.ArgumentParser:
     g = shared.add_argument_group("running")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     g.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's)")
+    g.add_argument("--nproc", type=POSITIVE_INT, default=1,
+                   help="processes on this machine, via torchrun and DDP (gloo on the CPU, NCCL with one GPU each); "
+                        "--batch-size stays the global batch (default 1)")
     g.add_argument("--out", metavar="DIR", help="output folder (default pyprune-runs/<command>-<model>-"
                                                 "<dataset>-seed<seed>; rerunning reuses it)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or notes, just the summary")
@@ -147,12 +152,12 @@ def _handler(command: str):
     return {"taylor": taylor.run, "lottery": lottery.run, "bench": bench.run, "info": info.run}[command]
 
 
-def _resume_hint(args, console: Console) -> str:
-    out = console.out_dir
-    if args.command == "lottery" and out is not None:
+def _resume_hint(args, console: Optional[Console]) -> str:
+    out = console.out_dir if console is not None else default_output_dir(args, args.command)
+    if args.command == "lottery" and out is not None and Path(out, "ticket").is_dir():
         return (f"Finished levels and the current level's last checkpoint are kept in {out}; "
                 "rerun the same command to resume.")
-    if args.command == "taylor" and out is not None:
+    if args.command == "taylor" and out is not None and Path(out, "dense.pt").is_file():
         return (f"A finished dense training is kept in {out}/dense.pt; rerun the same command to continue "
                 "from it (pruning restarts).")
     return "Nothing was kept."
@@ -170,7 +175,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.epochs is None and args.iterations is None:
             args.epochs = args.default_epochs
         del args.default_epochs
-    console = Console(quiet=getattr(args, "quiet", False), json_mode=getattr(args, "json", False))
+    if launch.is_launcher(args):
+        return _launch(args, argv if argv is not None else sys.argv[1:])
+    rank = launch.init_process_group(args) if hasattr(args, "nproc") else 0
+    console = Console(quiet=getattr(args, "quiet", False), json_mode=getattr(args, "json", False), silent=rank != 0)
     try:
         _handler(args.command)(args, console)
     except UsageError as err:
@@ -179,7 +187,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"\npyprune {args.command}: interrupted. {_resume_hint(args, console)}", file=sys.stderr)
         return 130
+    finally:
+        launch.finish_process_group()
     return 0
+
+
+def _launch(args, argv: List[str]) -> int:
+    """--nproc N: checks what can be checked once, then runs N processes with torchrun."""
+    try:
+        preflight(args)
+        launch.check_nproc(args)
+    except UsageError as err:
+        print(f"pyprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        code = launch.launch(args, argv)
+    except KeyboardInterrupt:
+        print(f"\npyprune {args.command}: interrupted. {_resume_hint(args, None)}", file=sys.stderr)
+        return 130
+    if code != 0:
+        print(f"pyprune {args.command}: the --nproc {args.nproc} run failed (exit code {code}; torchrun's report "
+              f"is above). {_resume_hint(args, None)}", file=sys.stderr)
+    return code
 
 
 def run_console() -> None:

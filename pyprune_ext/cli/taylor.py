@@ -26,15 +26,14 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..data import make_loaders
 from ..lottery import classification_evaluator
 from ..lottery.io import load_json, load_tensors, save_tensors
 from ..taylor import Target, TaylorPruner
 from . import plots
-from .common import (Console, UsageError, check_model_runs, format_table, load_splits, model_factory,
+from .common import (Console, UsageError, check_model_runs, format_table, is_writer, load_splits, model_factory,
                      model_label, output_dir, percent, resolve_device, set_threads, write_csv, write_json)
 from .export import export_model
-from .training import evaluate, inference_ms, make_optimizer, train_steps
+from .training import ddp, evaluate, inference_ms, make_optimizer, train_loader, train_steps
 
 # Options that shape the dense model: a rerun with the same ones reuses dense.pt.
 _DENSE_KEYS = ("dataset", "data_dir", "model", "model_file", "seed", "epochs", "iterations", "batch_size",
@@ -59,7 +58,7 @@ def _pretrain_steps(args, batches_per_epoch: int) -> int:
     return round(args.epochs * batches_per_epoch)
 
 
-def _dense_model(args, model, loaders, device, out: Path, console: Console) -> Dict[str, Any]:
+def _dense_model(args, model, trainable, train, device, out: Path, console: Console) -> Dict[str, Any]:
     """Loads --load, reuses the folder's dense.pt, or trains; returns what happened."""
     if args.load:
         try:
@@ -78,18 +77,20 @@ def _dense_model(args, model, loaders, device, out: Path, console: Console) -> D
                 return {**saved["training"], "source": "reused"}
             except (ValueError, RuntimeError):
                 console.note(f"{out / 'dense.pt'} does not fit this model: training again")
-    steps = _pretrain_steps(args, len(loaders.train))
+    steps = _pretrain_steps(args, len(train))
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
-    training = train_steps(model, loaders.train, optimizer, device, steps, desc="training (dense)",
+    training = train_steps(trainable, train, optimizer, device, steps, desc="training (dense)",
                            progress=console.progress)
-    save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, out / "dense.pt")
-    write_json(out / "dense.json", {"settings": settings, "training": training})
+    if is_writer():
+        save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, out / "dense.pt")
+        write_json(out / "dense.json", {"settings": settings, "training": training})
     return {**training, "source": "trained"}
 
 
-def _prune(args, model, pruner, loaders, device, evaluator, console: Console) -> List[Dict[str, Any]]:
+def _prune(args, model, trainable, pruner, train, device, evaluator, console: Console):
     """Trains with the pruner until it reaches its target; returns the accuracy
-    curve (validation accuracy after each pruning step)."""
+    curve (validation accuracy after each pruning step), the training statistics
+    and the optimizer."""
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     curve: List[Dict[str, Any]] = []
 
@@ -107,7 +108,7 @@ def _prune(args, model, pruner, loaders, device, evaluator, console: Console) ->
 
     # An upper bound for the bar: every pruning step removes at least one channel.
     bound = args.every * (sum(pruner.groups[i].size for i in pruner.prunable) + 1)
-    stats = train_steps(model, loaders.train, optimizer, device, bound, desc="pruning",
+    stats = train_steps(trainable, train, optimizer, device, bound, desc="pruning",
                         progress=console.progress, after_backward=after_backward, stop=lambda: pruner.done)
     console.note(f"pruned in {len(pruner.history)} steps over {stats['steps']} minibatches "
                  f"({stats['seconds']:.1f} s)")
@@ -152,30 +153,34 @@ def run(args, console: Console) -> Dict[str, Any]:
     build = model_factory(args, splits)
     out = output_dir(args, "taylor")
     console.out_dir = out
-    write_json(out / "config.json", vars(args))
-    loaders = make_loaders(splits, args.batch_size, seed=args.seed)
+    if is_writer():
+        write_json(out / "config.json", vars(args))
+    train = train_loader(splits.train, args.batch_size, args.seed)
     evaluator = classification_evaluator({"val": splits.val, "test": splits.test})
     example = splits.train.tensors[0][:2]
     model = build()
     check_model_runs(model, example, splits.num_classes)
     model.to(device)
+    trainable = ddp(model, device)  # the model itself in a single process
     console.note(f"taylor: {model_label(args)} on {splits.name} {splits.sizes()} train/val/test, "
                  f"target {target.kind} {target.value}, criterion {args.criterion}, output in {out}")
 
-    dense_training = _dense_model(args, model, loaders, device, out, console)
+    dense_training = _dense_model(args, model, trainable, train, device, out, console)
     dense_eval = evaluate(evaluator, model, "test")
-    dense_model = copy.deepcopy(model)
+    dense_model = copy.deepcopy(model) if is_writer() else None
     console.note(f"dense test accuracy {percent(dense_eval['accuracy'], 2)}")
 
     try:
-        pruner = TaylorPruner(model, example.to(device), args.criterion, target=target, every=args.every,
+        pruner = TaylorPruner(trainable, example.to(device), args.criterion, target=target, every=args.every,
                               prune_per_step=args.prune_per_step, scope=args.scope, round_to=args.round_to)
     except ValueError as err:
         raise UsageError(f"cannot prune this model: {err}") from None
-    curve, prune_stats, optimizer = _prune(args, model, pruner, loaders, device, evaluator, console)
-    finetune = train_steps(model, loaders.train, optimizer, device, args.finetune_epochs * len(loaders.train),
+    curve, prune_stats, optimizer = _prune(args, model, trainable, pruner, train, device, evaluator, console)
+    finetune = train_steps(trainable, train, optimizer, device, args.finetune_epochs * len(train),
                            desc="fine-tuning", progress=console.progress)
     pruned = pruner.finalize()
+    if not is_writer():  # the other ranks of a --nproc run: rank 0 reports
+        return {}
     pruned_eval = evaluate(evaluator, pruned, "test")
     report = pruner.report()
 

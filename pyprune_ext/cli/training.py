@@ -9,9 +9,29 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .. import distributed
+from ..data import make_loader
 
 from .common import UsageError
+
+
+def train_loader(dataset, batch_size: int, seed: int) -> DataLoader:
+    """The shuffled training loader; in a --nproc run each process gets its share
+    of every global batch of ``batch_size`` (a DistributedSampler)."""
+    world = distributed.world_size()
+    if world == 1:
+        return make_loader(dataset, batch_size, shuffle=True, seed=seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=max(1, batch_size // world), sampler=sampler)
+
+
+def ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """A DistributedDataParallel wrapper in a --nproc run, else the model itself."""
+    if not distributed.is_active():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -23,9 +43,14 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def _batches(loader: DataLoader):
-    """Minibatches forever, epoch after epoch (the loader reshuffles each epoch)."""
+    """Minibatches forever, epoch after epoch (the loader reshuffles each epoch;
+    a DistributedSampler is told the epoch so that it does too)."""
+    epoch = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
