@@ -472,6 +472,10 @@ class LotteryRun:
                 self._prepare_dir()
             self._barrier()  # config.json is written: the other ranks check it
             if not self.writer:
+                if not (self.run_dir / "config.json").is_file():
+                    raise RuntimeError(f"rank {self.rank} does not see {self.run_dir / 'config.json'}, which rank 0 "
+                                       "has written: every rank must see the same run directory (one machine, or "
+                                       "a shared file system)")
                 self._prepare_dir()
             self._check_source()
             results = []
