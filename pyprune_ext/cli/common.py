@@ -3,10 +3,8 @@ output, device and thread checks, data and model resolution, the output folder."
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import inspect
-import io
 import json
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ from .. import data as data_lib
 from .. import distributed
 from .. import models as model_lib
 from ..lottery.io import atomic_write_json, atomic_write_text
+from ..lottery.metrics import summary_csv
 
 # Command-line names that differ from pyprune_ext.models' registry names.
 MODEL_ALIASES = {"vgg11": "vgg11_bn_small"}
@@ -224,15 +223,7 @@ def write_json(path: Path, payload: Any) -> Path:
 
 def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> Path:
     """Rows (dicts) as CSV, columns in first-seen order, written atomically."""
-    columns: List[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
-    return atomic_write_text(path, text.getvalue())
+    return atomic_write_text(path, summary_csv(list(rows)))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

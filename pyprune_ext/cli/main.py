@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import launch
+from ..data import DATASETS
 from .common import Console, UsageError, default_output_dir, model_choices, preflight
 
-DATASETS = ("digits", "fashion-mnist", "mnist")
 COMMANDS = {
     "taylor": "prune channels with Taylor importance, fine-tune, remove them, export",
     "lottery": "find lottery tickets by iterative magnitude pruning with rewinding (resumable)",
