@@ -168,3 +168,53 @@ def test_pyprune_nproc_checks_before_launching(tmp_path):
         result = pyprune("lottery", "--nproc", 2, *argv, "--out", tmp_path, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "torch.distributed" not in result.stderr and "Traceback" not in result.stderr
+
+
+_FSDP_REFUSED = """
+import sys, torch
+from torch import nn
+torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+from pyprune_ext.lottery import MaskSet, prune_by_magnitude
+from pyprune_ext.taylor import Target, TaylorPruner
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+fully_shard(model)
+attempts = {
+    "MaskSet.ones": lambda: MaskSet.ones(model),
+    "prune_by_magnitude": lambda: prune_by_magnitude(model, MaskSet({"0.weight": torch.ones(8, 4, dtype=torch.bool)}), 0.2),
+    "TaylorPruner": lambda: TaylorPruner(model, torch.zeros(2, 4), "fo_gate", target=Target.channels(1)),
+}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+    except TypeError as err:
+        assert "does not support FSDP-sharded models" in str(err), (name, err)
+        print(name, "refused")
+    else:
+        raise SystemExit(name + " accepted an FSDP model")
+torch.distributed.destroy_process_group()
+"""
+
+
+@needs_distributed
+def test_fsdp_sharded_models_are_refused_with_the_reason(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    result = subprocess.run([sys.executable, "-c", _FSDP_REFUSED, str(tmp_path / "store")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["MaskSet.ones refused", "prune_by_magnitude refused", "TaylorPruner refused"]
+
+
+def test_ddp_wrapper_is_looked_through_by_the_lottery_pieces():
+    from pyprune_ext.lottery import MaskSet
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    class FakeDDP(nn.parallel.DistributedDataParallel):  # no process group needed to test the unwrapping
+        def __init__(self, module):
+            nn.Module.__init__(self)
+            self.module = module
+    wrapped = FakeDDP(model)
+    masks = MaskSet.ones(wrapped)
+    assert list(masks.keys()) == ["0.weight", "2.weight"]
+    assert masks.apply(wrapped) is wrapped
+    assert type(model[0]).__name__ == "MaskedLinear"

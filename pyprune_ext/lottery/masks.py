@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..distributed import unwrap_model
 from ..nn import mask_model
 from ..nn.masked import _MaskedMixin
 from . import _param_masks
@@ -48,7 +49,9 @@ def prunable_parameters(model: nn.Module, prunable: Prunable = None) -> "Ordered
 
     Raises:
         ValueError: a name or pattern matches no parameter, or nothing is selected.
+        TypeError: an FSDP-sharded model (a DDP wrapper is looked through).
     """
+    model = unwrap_model(model, "lottery-ticket pruning")
     params = OrderedDict(model.named_parameters())
     if prunable is None or callable(prunable):
         test = _default_prunable if prunable is None else prunable
@@ -169,7 +172,7 @@ class MaskSet(Mapping[str, Tensor]):
 
     def validate(self, model: nn.Module) -> None:
         """Raises ValueError unless every name is a parameter of ``model`` with the mask's shape."""
-        params = dict(model.named_parameters())
+        params = dict(unwrap_model(model, "MaskSet").named_parameters())
         for name, mask in self.items():
             if name not in params:
                 raise ValueError(f"mask {name!r} names no parameter of the model "
@@ -188,6 +191,7 @@ class MaskSet(Mapping[str, Tensor]):
         masked); any other parameter is zeroed and kept zero after every optimizer
         step (see ``_param_masks``). Pruned weights are zero when this returns.
         """
+        given, model = model, unwrap_model(model, "MaskSet.apply")  # a DDP wrapper: mask the module inside
         self.validate(model)
         by_module: Dict[str, Tensor] = {}
         for name, mask in self.items():
@@ -201,7 +205,7 @@ class MaskSet(Mapping[str, Tensor]):
             raise ValueError("MaskSet.apply: the model is itself a single Linear/Conv2d layer; wrap it in "
                              "an nn.Sequential so it can be replaced by its masked version")
         mask_model(model, by_module)
-        return model
+        return given
 
     # ---------------------------------------------------------------- persistence
 

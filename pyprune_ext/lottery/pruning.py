@@ -15,6 +15,7 @@ from typing import Dict, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
+from ..distributed import unwrap_model
 from .masks import MaskSet
 from .selection import select_smallest
 
@@ -109,7 +110,8 @@ def layer_rates(model: Union[nn.Module, Mapping[str, Tensor]], masks: MaskSet, r
 
 
 def _weights_by_name(model, masks: MaskSet) -> Dict[str, Tensor]:
-    source = dict(model.named_parameters()) if isinstance(model, nn.Module) else dict(model)
+    source = (dict(unwrap_model(model, "prune_by_magnitude").named_parameters()) if isinstance(model, nn.Module)
+              else dict(model))
     weights = {}
     for name, mask in masks.items():
         if name not in source:
