@@ -5,6 +5,7 @@ with one GPU per process on CUDA."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from typing import List
@@ -40,7 +41,19 @@ def launch(args, argv: List[str]) -> int:
     env = {**os.environ, _CHILD: "1"}
     # torchrun would set 1 thread per process: share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.run(command, env=env).returncode
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # Pass the Ctrl-C on and wait: torchrun stops its processes (killing
+        # torchrun instead would leave them running).
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+        raise
 
 
 def _without_nproc(argv: List[str]) -> List[str]:
