@@ -152,6 +152,12 @@ def test_taylor_channel_and_parameter_targets_and_dense_reuse(tmp_path):
     # Same training settings in the same folder: the dense model is reused, not retrained.
     assert metrics["dense_training"]["source"] == "reused"
     assert metrics["dense"]["test_accuracy"] == by_channels["dense"]["test_accuracy"]
+    # ... and pruning goes the same way as when the dense model was trained in the same run.
+    again = json.loads(ok(pyprune("taylor", *common, "--channels", 7, "--prune-per-step", 3,
+                                  "--out", tmp_path / "a", cwd=tmp_path)).stdout)
+    assert again["dense_training"]["source"] == "reused"
+    assert again["steps"] == by_channels["steps"] and again["layers"] == by_channels["layers"]
+    assert again["pruned"]["test_accuracy"] == by_channels["pruned"]["test_accuracy"]
 
 
 # --------------------------------------------------------------------- lottery

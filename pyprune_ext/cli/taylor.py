@@ -175,6 +175,9 @@ def run(args, console: Console) -> Dict[str, Any]:
                               prune_per_step=args.prune_per_step, scope=args.scope, round_to=args.round_to)
     except ValueError as err:
         raise UsageError(f"cannot prune this model: {err}") from None
+    # A data order of its own for pruning and fine-tuning, so that they go the same
+    # way whether the dense model was trained just now or reused from dense.pt.
+    train = train_loader(splits.train, args.batch_size, args.seed + 1)
     curve, prune_stats, optimizer = _prune(args, model, trainable, pruner, train, device, evaluator, console)
     finetune = train_steps(trainable, train, optimizer, device, args.finetune_epochs * len(train),
                            desc="fine-tuning", progress=console.progress)
@@ -185,6 +188,7 @@ def run(args, console: Console) -> Dict[str, Any]:
     report = pruner.report()
 
     latency_inputs = splits.test.tensors[0][:args.batch_size].to(device)
+    dense_ms, pruned_ms = inference_ms([dense_model, pruned], latency_inputs)
     metrics: Dict[str, Any] = {
         "command": "taylor", "model": model_label(args), "dataset": splits.name, "criterion": args.criterion,
         "target": {"kind": target.kind, "value": target.value},
@@ -192,10 +196,10 @@ def run(args, console: Console) -> Dict[str, Any]:
         "pruning_steps": len(pruner.history), "latency_batch": len(latency_inputs),
         "dense": {"test_accuracy": dense_eval["accuracy"], "test_loss": dense_eval["loss"],
                   "params": report.params_before, "macs": report.macs_before,
-                  "latency_ms": inference_ms(dense_model, latency_inputs)},
+                  "latency_ms": dense_ms},
         "pruned": {"test_accuracy": pruned_eval["accuracy"], "test_loss": pruned_eval["loss"],
                    "params": report.params_after, "macs": report.macs_after,
-                   "latency_ms": inference_ms(pruned, latency_inputs)},
+                   "latency_ms": pruned_ms},
         "times_s": {"train": dense_training["seconds"], "prune": prune_stats["seconds"],
                     "finetune": finetune["seconds"]},
         "dense_training": dense_training, "steps": curve, "layers": _layer_rows(report),

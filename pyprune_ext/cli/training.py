@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,23 +93,33 @@ def evaluate(evaluator, model: nn.Module, split: str) -> Dict[str, float]:
         model.train(was_training)
 
 
+def _forward_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
+    if inputs.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(inputs)
+    if inputs.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
-def inference_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 15) -> float:
-    """Median forward time of ``model(inputs)`` in eval mode, in milliseconds."""
-    was_training = model.training
-    model.eval()
+def inference_ms(models: Sequence[nn.Module], inputs: torch.Tensor, rounds: int = 7, per_round: int = 5
+                 ) -> List[float]:
+    """Median forward time of each model on ``inputs`` (eval mode), in milliseconds.
+    The models take turns, round after round, so that a slow spell of a shared
+    machine hits them alike; each is warmed up first (new shapes compile kernels)."""
+    modes = [m.training for m in models]
+    times: List[List[float]] = [[] for _ in models]
     try:
-        for _ in range(3):
-            model(inputs)
-        times = []
-        for _ in range(repeats):
-            if inputs.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(inputs)
-            if inputs.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        for model in models:
+            model.eval()
+            for _ in range(3):
+                model(inputs)
+        for _ in range(rounds):
+            for model, samples in zip(models, times):
+                samples.extend(_forward_seconds(model, inputs) for _ in range(per_round))
     finally:
-        model.train(was_training)
-    return 1e3 * statistics.median(times)
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    return [1e3 * statistics.median(samples) for samples in times]
