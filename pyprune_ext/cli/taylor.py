@@ -103,13 +103,15 @@ def _prune(args, model, trainable, pruner, train, device, evaluator, console: Co
                           "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
         if pruner.history:
             last = pruner.history[-1]
-            return f"step {last.step}, FLOPs kept {100 * last.flops_kept:.1f}%"
+            return (f"step {last.step}, FLOPs kept {100 * last.flops_kept:.1f}%, "
+                    f"val acc {100 * curve[-1]['val_accuracy']:.1f}%")
         return None
 
     # An upper bound for the bar: every pruning step removes at least one channel.
     bound = args.every * (sum(pruner.groups[i].size for i in pruner.prunable) + 1)
     stats = train_steps(trainable, train, optimizer, device, bound, desc="pruning",
-                        progress=console.progress, after_backward=after_backward, stop=lambda: pruner.done)
+                        progress=console.progress, after_backward=after_backward, stop=lambda: pruner.done,
+                        bar_total=False)
     console.note(f"pruned in {len(pruner.history)} steps over {stats['steps']} minibatches "
                  f"({stats['seconds']:.1f} s)")
     return curve, stats, optimizer

@@ -55,14 +55,16 @@ def _batches(loader: DataLoader):
 
 def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                 steps: int, *, desc: str, progress: bool, after_backward: Optional[Callable[[], Optional[str]]] = None,
-                stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+                stop: Optional[Callable[[], bool]] = None, bar_total: bool = True) -> Dict[str, float]:
     """Trains for ``steps`` minibatches (or until ``stop()``), calling
     ``after_backward()`` between backward and the optimizer step (the Taylor
-    pruner's place); it may return a status shown in the progress bar."""
+    pruner's place); it may return a status shown in the progress bar.
+    ``bar_total=False`` when ``steps`` is only a bound (the bar then counts
+    without a percentage or a misleading time left)."""
     from tqdm.auto import tqdm
     model.train()
     started, loss_sum, done, status = time.perf_counter(), 0.0, 0, None
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=steps if bar_total else None, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for inputs, labels in _batches(loader):
             if done >= steps or (stop is not None and stop()):
                 break
