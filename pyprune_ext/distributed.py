@@ -14,8 +14,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Sync", "all_reduce_sum_", "barrier", "check_same_on_all_ranks", "is_active", "rank", "sync_for", "tensor_bytes",
-           "unwrap_model", "world_size"]
+__all__ = ["Sync", "all_reduce_sum_", "barrier", "check_same_on_all_ranks", "comm_device", "is_active", "rank",
+           "sync_for", "tensor_bytes", "unwrap_model", "world_size"]
 
 
 def _dist():
@@ -120,11 +120,6 @@ def _fsdp_types() -> tuple:
 def barrier(group=None) -> None:
     if is_active(group):
         torch.distributed.barrier(group=group)
-
-
-def first_device(model: nn.Module, default: Optional[torch.device] = None) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else (default or torch.device("cpu"))
 
 
 class Sync:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 
 import torch
 from torch.utils.benchmark import Timer
+
+# Result files are written like every other file of the project: atomically.
+from ..lottery.io import atomic_write_json as write_json  # noqa: F401  (used by the benchmarks)
 
 
 def median_seconds(fn, device: str, min_run_time: float = 0.5) -> float:
@@ -45,17 +45,3 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic write: a temp file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

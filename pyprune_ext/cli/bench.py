@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from .common import Console, UsageError
+from .common import Console, UsageError, resolve_device
 
 
 def _argv(args, name: str) -> List[str]:
@@ -19,7 +19,6 @@ def _argv(args, name: str) -> List[str]:
 def run(args, console: Console) -> Dict[str, Any]:
     from .. import bench
     if args.device == "cuda":
-        from .common import resolve_device
         resolve_device("cuda")
     names = list(bench.NAMES) if args.name == "all" else [args.name]
     for name in names:

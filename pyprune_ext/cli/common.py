@@ -16,7 +16,7 @@ from torch import nn
 from .. import data as data_lib
 from .. import distributed
 from .. import models as model_lib
-from ..lottery.io import atomic_write_json, atomic_write_text
+from ..lottery.io import atomic_write_text
 from ..lottery.metrics import summary_csv
 
 # Command-line names that differ from pyprune_ext.models' registry names.
@@ -215,10 +215,6 @@ def output_dir(args, command: str) -> Path:
     except OSError as err:
         raise UsageError(f"--out {out}: cannot create it ({err.strerror})") from None
     return out
-
-
-def write_json(path: Path, payload: Any) -> Path:
-    return atomic_write_json(path, payload)
 
 
 def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> Path:

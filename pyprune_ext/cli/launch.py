@@ -14,13 +14,10 @@ import torch
 
 from .common import UsageError
 
-# Set in the processes torchrun starts, so that they do not launch again.
-_CHILD = "PYPRUNE_TORCHRUN_CHILD"
-
-
 def is_launcher(args) -> bool:
-    """True in the process the user started with --nproc > 1 (it launches torchrun)."""
-    return getattr(args, "nproc", 1) > 1 and os.environ.get(_CHILD) != "1"
+    """True in the process the user started with --nproc > 1 (it launches torchrun;
+    the processes it starts get the arguments without --nproc)."""
+    return getattr(args, "nproc", 1) > 1
 
 
 def check_nproc(args) -> None:
@@ -35,12 +32,10 @@ def check_nproc(args) -> None:
 def launch(args, argv: List[str]) -> int:
     """Runs ``python -m pyprune_ext ARGV`` in ``args.nproc`` processes via torchrun
     and returns its exit code (the processes print and write as rank 0 says)."""
-    check_nproc(args)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(args.nproc), "-m", "pyprune_ext", *_without_nproc(argv)]
-    env = {**os.environ, _CHILD: "1"}
     # torchrun would set 1 thread per process: share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc)), **os.environ}
     process = subprocess.Popen(command, env=env)
     try:
         return process.wait()

@@ -21,10 +21,11 @@ from typing import Any, Dict, List
 import torch
 
 from ..lottery import LotteryConfig, LotteryRun, classification_evaluator, classification_step
+from ..lottery.io import atomic_write_json
 from ..nn import unmask_model
 from . import plots
 from .common import (Console, UsageError, check_model_runs, format_table, is_writer, load_splits, model_factory,
-                     model_label, output_dir, percent, resolve_device, set_threads, write_csv, write_json)
+                     model_label, output_dir, percent, resolve_device, set_threads, write_csv)
 from .export import export_model
 
 CONTROL_CHOICES = ("reinit", "random")
@@ -54,10 +55,10 @@ def _config(args, device: torch.device, control: str, ticket_dir: Path) -> Lotte
         raise UsageError(str(err).replace("LotteryConfig: ", "")) from None
 
 
-def _runs(args, device, splits, build, out: Path, console: Console) -> Dict[str, LotteryRun]:
+def _runs(args, controls: List[str], device, splits, build, out: Path, console: Console) -> Dict[str, LotteryRun]:
     evaluate = classification_evaluator({"val": splits.val, "test": splits.test})
     runs = {}
-    for variant in ["ticket"] + parse_controls(args.control):
+    for variant in ["ticket"] + controls:
         control = "none" if variant == "ticket" else variant
         try:
             runs[variant] = LotteryRun(build, classification_step, evaluate,
@@ -122,14 +123,14 @@ def _export(args, run: LotteryRun, example, console: Console) -> Dict[str, Any]:
 def run(args, console: Console) -> Dict[str, Any]:
     set_threads(args.threads)
     device = resolve_device(args.device)
-    parse_controls(args.control)
+    controls = parse_controls(args.control)
     splits = load_splits(args.dataset, args.data_dir, args.seed)
     build = model_factory(args, splits)
     example = splits.train.tensors[0][:2]
     check_model_runs(build(), example, splits.num_classes)
     out = output_dir(args, "lottery")
     console.out_dir = out
-    runs = _runs(args, device, splits, build, out, console)
+    runs = _runs(args, controls, device, splits, build, out, console)
     ticket = runs["ticket"]
     console.note(f"lottery: {model_label(args)} on {splits.name} {splits.sizes()} train/val/test, "
                  f"{args.levels} levels of {100 * args.rate:g}% ({args.scope}), rewind to iteration {args.rewind}, "
@@ -148,7 +149,7 @@ def run(args, console: Console) -> Dict[str, Any]:
                                "options": vars(args)}
     if args.export:
         payload["export"] = _export(args, ticket, example, console)
-    write_json(out / "summary.json", payload)
+    atomic_write_json(out / "summary.json", payload)
     console.result(_summary_table(results) + f"\n\nresults in {out} (rerun the same command to resume or extend "
                    "with more --levels)")
     console.emit_json(payload)

@@ -20,6 +20,7 @@ Output folder::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -27,11 +28,11 @@ from typing import Any, Dict, List
 import torch
 
 from ..lottery import classification_evaluator
-from ..lottery.io import load_json, load_tensors, save_tensors
+from ..lottery.io import atomic_write_json, load_json, load_tensors, save_tensors
 from ..taylor import Target, TaylorPruner
 from . import plots
 from .common import (Console, UsageError, check_model_runs, format_table, is_writer, load_splits, model_factory,
-                     model_label, output_dir, percent, resolve_device, set_threads, write_csv, write_json)
+                     model_label, output_dir, percent, resolve_device, set_threads, write_csv)
 from .export import export_model
 from .training import ddp, evaluate, inference_ms, make_optimizer, train_loader, train_steps
 
@@ -83,7 +84,7 @@ def _dense_model(args, model, trainable, train, device, out: Path, console: Cons
                            progress=console.progress)
     if is_writer():
         save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, out / "dense.pt")
-        write_json(out / "dense.json", {"settings": settings, "training": training})
+        atomic_write_json(out / "dense.json", {"settings": settings, "training": training})
     return {**training, "source": "trained"}
 
 
@@ -118,15 +119,7 @@ def _prune(args, model, trainable, pruner, train, device, evaluator, console: Co
 
 
 def _layer_rows(report) -> List[Dict[str, Any]]:
-    rows = []
-    for layer in report.layers:
-        in_before, out_before = map(int, layer.channels_before.split("->"))
-        in_after, out_after = map(int, layer.channels_after.split("->"))
-        rows.append({"name": layer.name, "type": layer.type, "in_before": in_before, "out_before": out_before,
-                     "in_after": in_after, "out_after": out_after, "params_before": layer.params_before,
-                     "params_after": layer.params_after, "macs_before": layer.macs_before,
-                     "macs_after": layer.macs_after})
-    return rows
+    return [dataclasses.asdict(layer) for layer in report.layers]
 
 
 def _summary_table(m: Dict[str, Any]) -> str:
@@ -156,7 +149,7 @@ def run(args, console: Console) -> Dict[str, Any]:
     out = output_dir(args, "taylor")
     console.out_dir = out
     if is_writer():
-        write_json(out / "config.json", vars(args))
+        atomic_write_json(out / "config.json", vars(args))
     train = train_loader(splits.train, args.batch_size, args.seed)
     evaluator = classification_evaluator({"val": splits.val, "test": splits.test})
     example = splits.train.tensors[0][:2]
@@ -215,7 +208,7 @@ def run(args, console: Console) -> Dict[str, Any]:
 
 def _write_outputs(out: Path, metrics, pruner, pruned, example, args, console: Console) -> None:
     save_tensors({k: v.cpu() for k, v in pruned.state_dict().items()}, out / "pruned_state.pt")
-    write_json(out / "plan.json", pruner.plan())
+    atomic_write_json(out / "plan.json", pruner.plan())
     if args.export:
         metrics["export"] = export_model(pruned, example, Path(args.export).expanduser())
         console.note(f"exported the pruned model to {args.export} "
@@ -228,4 +221,4 @@ def _write_outputs(out: Path, metrics, pruner, pruned, example, args, console: C
              "dense_test_accuracy": metrics["dense"]["test_accuracy"]}
     plots.taylor_accuracy_vs_flops(metrics["steps"], final, out / "accuracy_vs_flops.png")
     plots.taylor_channels_per_layer(metrics["layers"], out / "channels_per_layer.png")
-    write_json(out / "metrics.json", json.loads(json.dumps(metrics, default=str)))
+    atomic_write_json(out / "metrics.json", json.loads(json.dumps(metrics, default=str)))

@@ -69,8 +69,8 @@ CRITERIA = ("fo_bn", "fo_gate", "fo_fg", "fo_weight", "so_fisher")
 
 class GroupScores:
     """Sums of per-minibatch scores of every group, and the minibatch count.
-
-    Kept as tensors so that a distributed run can all-reduce them."""
+    (In a distributed run the per-minibatch statistics are all-reduced before
+    scoring, so these sums are already the same on every rank.)"""
 
     def __init__(self, sizes: Sequence[int], device: torch.device):
         self.sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]

@@ -75,12 +75,22 @@ def estimate_cost(before: ModelCost, groups: Sequence, alive: Mapping[int, Tenso
 class LayerChange:
     name: str
     type: str
-    channels_before: str   # "in->out"
-    channels_after: str
+    in_before: int         # input / output channels (features)
+    out_before: int
+    in_after: int
+    out_after: int
     params_before: int
     params_after: int
     macs_before: int
     macs_after: int
+
+    @property
+    def channels_before(self) -> str:
+        return f"{self.in_before}->{self.out_before}"
+
+    @property
+    def channels_after(self) -> str:
+        return f"{self.in_after}->{self.out_after}"
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,8 @@ class PruningReport:
         else:
             after_layers = estimate_layers(before, groups, alive, modules)
             macs_after, params_after = _totals(before, after_layers)
-        rows = tuple(LayerChange(b.name, b.type, f"{b.in_features}->{b.out_features}",
-                                 f"{a.in_features}->{a.out_features}", b.params, a.params, b.macs, a.macs)
+        rows = tuple(LayerChange(b.name, b.type, b.in_features, b.out_features, a.in_features, a.out_features,
+                                 b.params, a.params, b.macs, a.macs)
                      for b, a in zip(before.layers, after_layers))
         return cls(rows, before.total_params, params_after, before.total_macs, macs_after,
                    after is not None, len(history))
