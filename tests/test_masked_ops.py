@@ -294,6 +294,20 @@ def test_sparse_bad_input():
         pp.mask_pack(mask.float())
 
 
+def test_apply_mask_large_odd_sizes_with_pruned_infs(device):
+    # Larger than one parallel chunk (65536) and not a multiple of any vector
+    # width: the vectorised body, its tail and the thread split all run.
+    for dtype in dtypes_for(device):
+        w = torch.randn(301, 263, device=device, dtype=dtype)
+        mask = torch.rand(301, 263, device=device) < 0.3
+        w[~mask & (torch.rand_like(w) < 0.1)] = float("inf")  # pruned infs must become 0
+        want = torch.where(mask, w, torch.zeros((), dtype=dtype, device=device))
+        assert torch.equal(pp.ops.apply_mask(w, mask), want)
+        got = w.clone()
+        pp.ops.apply_mask_(got, mask)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_apply_mask_matches_where(layout, device):
     for dtype in dtypes_for(device) + ([torch.bfloat16] if device == "cpu" else []):

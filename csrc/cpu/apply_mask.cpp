@@ -19,22 +19,30 @@ namespace {
 // zero (pruned). A `m ? w : 0` select compiled to branches, which a random mask
 // mispredicts (measured 2x slower at 50% density); a multiply by the mask would
 // turn an infinite pruned weight into NaN instead of 0.
+//
+// The mask is read as bytes, not bool: GCC does not vectorise a bool -> integer
+// conversion ("relevant stmt not supported"), and the bool loop ran scalar,
+// 2.5x slower than torch's own w * float_mask.
+template <typename scalar_t>
+using bits_of = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                   std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+
 template <typename scalar_t>
 C10_ALWAYS_INLINE void select_body(scalar_t* __restrict out, const scalar_t* __restrict w,
                                    const bool* __restrict m, int64_t n) {
-  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
-                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
-  const bits_t* wb = reinterpret_cast<const bits_t*>(w);
-  bits_t* ob = reinterpret_cast<bits_t*>(out);
-  for (int64_t i = 0; i < n; ++i) ob[i] = wb[i] & static_cast<bits_t>(-static_cast<bits_t>(m[i]));
+  using bits_t = bits_of<scalar_t>;
+  const bits_t* __restrict wb = reinterpret_cast<const bits_t*>(w);
+  bits_t* __restrict ob = reinterpret_cast<bits_t*>(out);
+  const uint8_t* __restrict mb = reinterpret_cast<const uint8_t*>(m);
+  for (int64_t i = 0; i < n; ++i) ob[i] = wb[i] & static_cast<bits_t>(-static_cast<bits_t>(mb[i]));
 }
 
 template <typename scalar_t>
 C10_ALWAYS_INLINE void select_body_inplace(scalar_t* w, const bool* __restrict m, int64_t n) {
-  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
-                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
-  bits_t* wb = reinterpret_cast<bits_t*>(w);
-  for (int64_t i = 0; i < n; ++i) wb[i] &= static_cast<bits_t>(-static_cast<bits_t>(m[i]));
+  using bits_t = bits_of<scalar_t>;
+  bits_t* __restrict wb = reinterpret_cast<bits_t*>(w);
+  const uint8_t* __restrict mb = reinterpret_cast<const uint8_t*>(m);
+  for (int64_t i = 0; i < n; ++i) wb[i] &= static_cast<bits_t>(-static_cast<bits_t>(mb[i]));
 }
 
 }  // namespace
