@@ -87,6 +87,19 @@ def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
             torch.testing.assert_close(got.grad, want.grad)
 
 
+def test_sparse_ops_read_non_contiguous_packed_masks(device):
+    # Index tensors that are views with a stride (e.g. one column of a stacked
+    # pair) must be read by value, not as raw memory.
+    w, mask, b = make_layer(6, 8, 0.4, torch.float64, device, seed=4)
+    x = torch.randn(5, 8, dtype=torch.float64, device=device, requires_grad=True)
+    strided = pp.ops.PackedMask(*(torch.stack([t, t.flip(0)], 1)[:, 0] for t in pp.mask_pack(mask)))
+    assert not strided.col_idx.is_contiguous()
+    got = pp.sparse_masked_linear(x, w, strided, b)
+    torch.testing.assert_close(got, reference_linear(x.detach(), w, mask, b))
+    got.sum().backward()
+    torch.testing.assert_close(x.grad, (w * mask).sum(0).expand(5, 8))
+
+
 @pytest.fixture
 def row_blocks():
     """masked_linear's CPU kernels with blocks of a few weight rows / columns,
@@ -284,6 +297,19 @@ def test_sparse_bad_input():
     bad_ptr = packed._replace(row_ptr=packed.row_ptr.flip(0))
     with pytest.raises(RuntimeError, match="row_ptr must start at 0"):
         pp.sparse_masked_linear(x, w, bad_ptr)
+    middle = packed.row_ptr.clone()
+    middle[2] = packed.nnz + 5  # ends right, a middle entry past the end
+    with pytest.raises(RuntimeError, match="outside their range: row_ptr must be non-decreasing"):
+        pp.sparse_masked_linear(x, w, packed._replace(row_ptr=middle))
+    negative = packed.col_idx.clone()
+    negative[-1] = -1
+    with pytest.raises(RuntimeError, match=r"col_idx entry in \[0, 6\)"):
+        pp.sparse_masked_linear(x, w, packed._replace(col_idx=negative))
+    gy = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"row_idx entry in \[0, 4\)"):
+        torch.ops.pyprune.sparse_masked_linear_grad_input(gy, w, packed.col_ptr, packed.row_idx + 4)
+    with pytest.raises(RuntimeError, match=r"col_idx entry in \[0, 6\)"):
+        torch.ops.pyprune.sparse_masked_linear_grad_weight(gy, x, w, packed.row_ptr, negative)
     with pytest.raises(RuntimeError, match="int64"):
         pp.sparse_masked_linear(x, w, packed._replace(col_idx=packed.col_idx.int()))
     with pytest.raises(RuntimeError, match="last dim must be in_features"):

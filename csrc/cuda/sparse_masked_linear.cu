@@ -114,11 +114,12 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor yt = at::empty({out_f, M}, x.options());
+  const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();  // raw reads below
   if (out_f > 0 && M > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
       gather_axpy_rows<scalar_t><<<grid_for(out_f, M, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          yt.data_ptr<scalar_t>(), M, row_ptr.const_data_ptr<int64_t>(), col_idx.const_data_ptr<int64_t>(), in_f,
-          col_idx.numel(), xt.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+          yt.data_ptr<scalar_t>(), M, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), in_f,
+          idx.numel(), xt.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
           w.const_data_ptr<scalar_t>(), in_f, 1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -137,11 +138,12 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, c
   const int64_t M = gyt.size(1);
   const at::Tensor w = weight.contiguous();
   at::Tensor gxt = at::empty({in_f, M}, weight.options());
+  const at::Tensor ptr = col_ptr.contiguous(), idx = row_idx.contiguous();
   if (in_f > 0 && M > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
       gather_axpy_rows<scalar_t><<<grid_for(in_f, M, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          gxt.data_ptr<scalar_t>(), M, col_ptr.const_data_ptr<int64_t>(), row_idx.const_data_ptr<int64_t>(), out_f,
-          row_idx.numel(), gyt.const_data_ptr<scalar_t>(), nullptr, w.const_data_ptr<scalar_t>(), 1, in_f);
+          gxt.data_ptr<scalar_t>(), M, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), out_f,
+          idx.numel(), gyt.const_data_ptr<scalar_t>(), nullptr, w.const_data_ptr<scalar_t>(), 1, in_f);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -160,11 +162,12 @@ at::Tensor grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const
   const at::Tensor xt = batch_last(x, in_f);
   TORCH_CHECK(gyt.size(1) == xt.size(1), op, ": grad_y and x must have the same number of rows");
   at::Tensor gw = at::zeros({out_f, in_f}, weight.options());  // pruned entries: exactly 0
-  if (out_f > 0 && col_idx.numel() > 0) {
+  const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
+  if (out_f > 0 && idx.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
       sampled_dots<scalar_t><<<static_cast<unsigned>(out_f), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          gw.data_ptr<scalar_t>(), xt.size(1), in_f, row_ptr.const_data_ptr<int64_t>(),
-          col_idx.const_data_ptr<int64_t>(), col_idx.numel(), gyt.const_data_ptr<scalar_t>(),
+          gw.data_ptr<scalar_t>(), xt.size(1), in_f, ptr.const_data_ptr<int64_t>(),
+          idx.const_data_ptr<int64_t>(), idx.numel(), gyt.const_data_ptr<scalar_t>(),
           xt.const_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -18,11 +18,14 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
 // mask: bool, weight's shape and device.
 void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
 
-// Validates one compressed index of a packed mask (see mask_pack) against a
-// weight [out, in]: CSR (row_ptr, col_idx) when rows_first, else CSC (col_ptr,
-// row_idx). Reads the indices (a device sync on CUDA).
-void check_packed_index(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
-                        const at::Tensor& idx, bool rows_first);
+// CPU checks of one compressed index of a packed mask (see mask_pack) against
+// a weight [out, in]: CSR (row_ptr, col_idx) when rows_first, else CSC
+// (col_ptr, row_idx). check_packed_ends checks the shapes and the two end
+// entries of ptr; the kernels check every row's ptr entries and indices as they
+// read them (in cache, no extra pass) and report through check_packed_rows_ok.
+void check_packed_ends(const char* op, const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx,
+                       bool rows_first);
+void check_packed_rows_ok(const char* op, bool ok, const at::Tensor& weight, bool rows_first);
 
 // Shape/dtype/device checks of the packed-mask arguments that need no data.
 void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
