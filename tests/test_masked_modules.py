@@ -105,6 +105,25 @@ def test_sparse_and_dense_paths_agree():
         torch.testing.assert_close(a, b)
 
 
+def test_automatic_path_choice_follows_the_measured_thresholds():
+    from pyprune_ext.nn import masked as masked_mod
+    x = torch.randn(2, 784)
+    exact = lambda density: torch.arange(300 * 784).reshape(300, 784) < round(density * 300 * 784)  # noqa: E731
+    layer = MaskedLinear.from_dense(nn.Linear(784, 300), exact(0.25))
+    train_cut = masked_mod.SPARSE_DENSITY_THRESHOLD["cpu"]
+    infer_cut = masked_mod.SPARSE_DENSITY_THRESHOLD_INFERENCE["cpu"]
+    assert train_cut < 0.25 < infer_cut
+    assert not layer._use_sparse(x)  # training: forward + backward, dense-masked wins at 25%
+    with torch.no_grad():
+        assert layer._use_sparse(x)  # forward only: sparse wins at 25%
+    layer.set_mask(exact(0.1))
+    assert layer._use_sparse(x)
+    small = MaskedLinear.from_dense(nn.Linear(300, 100), torch.zeros(100, 300, dtype=torch.bool))
+    assert small.weight.numel() < masked_mod.SPARSE_MIN_WEIGHTS and not small._use_sparse(torch.randn(2, 300))
+    small.sparse_threshold = 1.0  # an explicit threshold overrides the size rule
+    assert small._use_sparse(torch.randn(2, 300))
+
+
 def test_packed_mask_follows_set_mask():
     masked = MaskedLinear(8, 4)
     masked.sparse_threshold = 1.0

@@ -32,15 +32,19 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import ops
 
 # Density at or below which MaskedLinear uses the sparse path, per device type,
-# chosen from `pyprune bench masked` (see README). On CUDA the sparse
-# kernels have not been shown to beat cuBLAS yet, so they run only when asked
-# for (module.sparse_threshold = 1.0 forces the sparse path, 0.0 forbids it).
-# On the CPU the sparse path wins forward and backward from 10% density down for
-# layers of 300x784 and up; at 20% it still wins forward on large layers but
-# loses forward+backward on LeNet-size ones. The default sits between the two:
-# a mask drawn at "10%" lands a little above or below 0.1, and a threshold of
-# exactly 0.1 sent half of such layers down the 2-5x slower dense-masked path.
-SPARSE_DENSITY_THRESHOLD = {"cpu": 0.15, "cuda": 0.0}
+# when it trains (autograd records the call: forward + backward) and in
+# inference (forward only), chosen by timing both paths on the 2-core CPU
+# (forward and forward+backward of 300x784 at batch 60, 1024x1024 at 64 and
+# 256, 4096x4096 at 64; densities 50, 35, 25, 20, 15%). Forward+backward breaks
+# even at 17-35% density depending on the shape, the forward alone at 30-50%:
+# the sparse backward's two products cost more per kept weight than its
+# forward. A mask drawn at 20% lands a little above or below 0.2; on those
+# shapes the two paths are within 5% there, so either choice is fine.
+# On CUDA the sparse kernels have not been shown to beat cuBLAS yet, so they run
+# only when asked for (module.sparse_threshold = 1.0 forces the sparse path,
+# 0.0 forbids it).
+SPARSE_DENSITY_THRESHOLD = {"cpu": 0.2, "cuda": 0.0}
+SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.3, "cuda": 0.0}
 # Below this many weights the sparse kernels' fixed costs (transposes, index
 # checks) outweigh their savings in training (measured on 100x300 and 10x100).
 SPARSE_MIN_WEIGHTS = 65536
@@ -171,8 +175,10 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     """nn.Linear computing ``x @ (weight * mask)^T + bias``.
 
     At or below ``sparse_threshold`` density (default None: the device's entry
-    in ``SPARSE_DENSITY_THRESHOLD``; 0 disables, 1 forces) it runs the sparse
-    kernels; otherwise the dense-masked op.
+    in ``SPARSE_DENSITY_THRESHOLD`` when autograd records the call, in
+    ``SPARSE_DENSITY_THRESHOLD_INFERENCE`` when it does not, for layers of at
+    least ``SPARSE_MIN_WEIGHTS`` weights; 0 disables, 1 forces) it runs the
+    sparse kernels; otherwise the dense-masked op.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -192,7 +198,9 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         if threshold is None:  # automatic choice
             if self.weight.numel() < SPARSE_MIN_WEIGHTS:
                 return False
-            threshold = SPARSE_DENSITY_THRESHOLD.get(x.device.type, 0.0)
+            training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+            table = SPARSE_DENSITY_THRESHOLD if training else SPARSE_DENSITY_THRESHOLD_INFERENCE
+            threshold = table.get(x.device.type, 0.0)
         if x.device.type == "cpu" and self.weight.dtype not in (torch.float32, torch.float64):
             return False  # the CPU sparse kernels are float32/float64
         return self._cached_density <= threshold and x.device.type in SPARSE_DENSITY_THRESHOLD
