@@ -87,6 +87,23 @@ def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
             torch.testing.assert_close(got.grad, want.grad)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 45, 77])
+def test_sparse_gradients_match_reference_across_batch_sizes(rows, device):
+    # The CPU kernels work on batch-last rows of `rows` values in vector chunks
+    # of 32/16 (float/double) and 8/4, then a scalar tail: these sizes reach
+    # every combination.
+    for dtype in dtypes_for(device):
+        w, mask, _ = make_layer(19, 23, 0.3, dtype, device, seed=rows)
+        x = torch.randn(rows, 23, dtype=torch.float64, device=device).to(dtype)
+        gy = torch.randn(rows, 19, dtype=torch.float64, device=device).to(dtype)
+        packed = pp.mask_pack(mask)
+        grad_w = torch.ops.pyprune.sparse_masked_linear_grad_weight(gy, x, w, packed.row_ptr, packed.col_idx)
+        assert_close_rel(grad_w, (gy.double().T @ x.double()) * mask, dtype)
+        grad_x = torch.ops.pyprune.sparse_masked_linear_grad_input(gy, w, packed.col_ptr, packed.row_idx)
+        assert_close_rel(grad_x, gy.double() @ (w.double() * mask), dtype)
+        assert_close_rel(pp.sparse_masked_linear(x, w, packed), reference_linear(x, w, mask, None), dtype)
+
+
 def test_sparse_ops_read_non_contiguous_packed_masks(device):
     # Index tensors that are views with a stride (e.g. one column of a stacked
     # pair) must be read by value, not as raw memory.

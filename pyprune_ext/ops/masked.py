@@ -183,10 +183,7 @@ def _grad_weight_fake(grad_y, x, weight, row_ptr, col_idx):
 
 
 # apply_mask and masked_linear: autograd registered in C++
-# (csrc/masked_autograd.cpp, csrc/masked_linear.cpp).
-
-
-
+# (csrc/masked_autograd.cpp, csrc/masked_linear.cpp); the sparse op's here.
 
 
 def _sparse_setup(ctx, inputs, output):
