@@ -3,7 +3,7 @@ re-initialisation and random pruning, level by level (Frankle & Carbin 2019, Fig
 
     python -m benchmarks.lottery [--dataset fashion-mnist|digits] [--levels 10] [--seeds 2]
                                  [--iterations 50000] [--eval-every 500] [--out DIR]
-                                 [--threads N] [--json FILE] [--quick]
+                                 [--threads N] [--json FILE] [--quick] [--steps-only]
 
 Setup (the paper's LeNet recipe): Gaussian Glorot initialisation, Adam 1.2e-3,
 batch 60, per-layer pruning of 20% of the remaining weights per level (output
@@ -20,6 +20,8 @@ the masks of this run. Runs live in --out (default: a temporary folder) and
 resume: rerunning the same command continues where it stopped.
 
 --quick: digits, 2 levels, 2 seeds, 100 iterations (a smoke test, not a result).
+--steps-only: only the training-step timings, on random masks at the paper's
+per-layer densities of levels 0, levels/2 and levels (seconds, no training).
 """
 
 from __future__ import annotations
@@ -134,20 +136,30 @@ def print_tables(rows: List[dict], title: str) -> None:
 
 def lenet_masks(run_masks: MaskSet, seed: int = 0) -> MaskSet:
     """Masks for the 784-input LeNet-300-100: the run's own when they fit, else
-    random masks with the run's per-layer kept counts scaled to the layer sizes."""
-    model = lenet300(784, 10)
-    ones = MaskSet.ones(model)
+    random masks with the run's per-layer kept fractions."""
+    ones = MaskSet.ones(lenet300(784, 10))
     if all(run_masks[n].shape == m.shape for n, m in ones.items()):
         return run_masks
-    fractions = run_masks.remaining().per_layer
+    return random_lenet_masks(run_masks.remaining().per_layer, seed)
+
+
+def random_lenet_masks(fractions: Dict[str, float], seed: int = 0) -> MaskSet:
+    """Random masks for the 784-input LeNet-300-100 keeping `fractions[layer]` of each layer."""
     g = torch.Generator().manual_seed(seed)
     shaped = {}
-    for name, mask in ones.items():
+    for name, mask in MaskSet.ones(lenet300(784, 10)).items():
         kept = round(fractions[name] * mask.numel())
         flat = torch.zeros(mask.numel(), dtype=torch.bool)
         flat[torch.randperm(mask.numel(), generator=g)[:kept]] = True
         shaped[name] = flat.view(mask.shape)
     return MaskSet(shaped)
+
+
+def paper_masks(level: int, seed: int = 0) -> MaskSet:
+    """Random masks at the paper's per-layer densities after `level` levels:
+    0.8^level for the hidden layers, 0.9^level for the output layer."""
+    names = MaskSet.ones(lenet300(784, 10)).keys()
+    return random_lenet_masks({n: (0.9 if n == "fc3.weight" else 0.8) ** level for n in names}, seed)
 
 
 def _step_fn(model, device):
@@ -190,12 +202,23 @@ def step_time_rows(results, args) -> List[dict]:
     return rows
 
 
+def steps_only_rows(args) -> List[dict]:
+    """Step times at random paper-density masks of levels 0, levels/2 and levels."""
+    rows = []
+    for level in sorted({0, args.levels // 2, args.levels}):
+        masks = paper_masks(level)
+        times = step_times(masks, args.device, 0.2 if args.quick else 2.0)
+        rows.append({"level": level, "remaining_pct": 100 * masks.remaining().total, "own_masks": False,
+                     "masks": "random, the paper's per-layer density", **{f"{k}_ms": v for k, v in times.items()}})
+    return rows
+
+
 def print_step_times(rows: List[dict], machine: str) -> None:
     print_table(f"LeNet-300-100 training step (batch 60, forward + backward + Adam), median ms, {machine}",
                 ["level", "remaining %", "masks", "dense nn.Linear (no mask)", "pyprune masked modules",
                  "torch.nn.utils.prune", "masked speed-up over prune"],
-                [[str(r["level"]), f"{r['remaining_pct']:.1f}", "this run's" if r["own_masks"] else
-                  "random, this run's per-layer density", f"{r['dense_ms']:.3f}", f"{r['masked_ms']:.3f}",
+                [[str(r["level"]), f"{r['remaining_pct']:.1f}", r.get("masks") or ("this run's" if r["own_masks"] else
+                  "random, this run's per-layer density"), f"{r['dense_ms']:.3f}", f"{r['masked_ms']:.3f}",
                   f"{r['prune_ms']:.3f}", f"{r['prune_ms'] / r['masked_ms']:.2f}x"] for r in rows])
 
 
@@ -216,6 +239,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--quick", action="store_true", help="digits, 2 levels, 2 seeds, 100 iterations")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the training-step timings, on random masks at the paper's per-layer "
+                             "densities of levels 0, levels/2 and levels (no training runs)")
     args = parser.parse_args(argv)
     quick = dict(dataset="digits", levels=2, seeds=2, iterations=100, eval_every=20)
     full = dict(dataset="fashion-mnist", levels=10, seeds=2, iterations=50000, eval_every=500)
@@ -232,6 +258,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_name(args.device)
+    if args.steps_only:
+        steps = steps_only_rows(args)
+        print_step_times(steps, machine)
+        if args.json:
+            write_json(args.json, {"benchmark": "lottery-steps", "machine": machine, "step_times": steps})
+        return
     splits = load_dataset(args.dataset)
     with tempfile.TemporaryDirectory(prefix="lottery-") as tmp:
         args.out_dir = args.out or tmp
