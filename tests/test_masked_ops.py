@@ -87,21 +87,53 @@ def test_gradients_exact_zero_at_pruned_and_gradcheck(density, device):
             torch.testing.assert_close(got.grad, want.grad)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 45, 77])
-def test_sparse_gradients_match_reference_across_batch_sizes(rows, device):
-    # The CPU kernels work on batch-last rows of `rows` values in vector chunks
-    # of 32/16 (float/double) and 8/4, then a scalar tail: these sizes reach
-    # every combination.
+@pytest.mark.parametrize("rows", [1, 7, 9, 33, 45, 77])
+@pytest.mark.parametrize("shape", [(19, 23), (21, 4100)])
+def test_sparse_ops_match_reference_across_batch_sizes(rows, shape, device):
+    # The CPU kernels cut the batch into tiles of 8/16/32 rows (float; 4/8/16 for
+    # double), narrower when a tile of a wide layer would not fit in L2 (4100
+    # inputs), transpose them in 8x8 (4x4) blocks with scalar tails, split the
+    # output features into chunks, and sum the sampled gradient's dot products
+    # 8 (4) at a time with a scalar tail: these sizes reach every case.
+    out_f, in_f = shape
     for dtype in dtypes_for(device):
-        w, mask, _ = make_layer(19, 23, 0.3, dtype, device, seed=rows)
-        x = torch.randn(rows, 23, dtype=torch.float64, device=device).to(dtype)
-        gy = torch.randn(rows, 19, dtype=torch.float64, device=device).to(dtype)
+        w, mask, b = make_layer(out_f, in_f, 0.3, dtype, device, seed=rows)
+        x = torch.randn(rows, in_f, dtype=torch.float64, device=device).to(dtype)
+        gy = torch.randn(rows, out_f, dtype=torch.float64, device=device).to(dtype)
         packed = pp.mask_pack(mask)
         grad_w = torch.ops.pyprune.sparse_masked_linear_grad_weight(gy, x, w, packed.row_ptr, packed.col_idx)
         assert_close_rel(grad_w, (gy.double().T @ x.double()) * mask, dtype)
+        assert torch.all(grad_w[~mask] == 0)
         grad_x = torch.ops.pyprune.sparse_masked_linear_grad_input(gy, w, packed.col_ptr, packed.row_idx)
         assert_close_rel(grad_x, gy.double() @ (w.double() * mask), dtype)
-        assert_close_rel(pp.sparse_masked_linear(x, w, packed), reference_linear(x, w, mask, None), dtype)
+        assert_close_rel(pp.sparse_masked_linear(x, w, packed, b), reference_linear(x, w, mask, b), dtype)
+
+
+def test_sparse_ops_are_deterministic_across_threads_and_batches():
+    # Each output value is summed in an order fixed by the shapes alone: the
+    # same bits with 1 or 2 threads, and a sample's output does not depend on
+    # the rest of its batch.
+    w, mask, b = make_layer(300, 784, 0.1, torch.float32, "cpu", seed=3)
+    x = torch.randn(60, 784)
+    gy = torch.randn(60, 300)
+    packed = pp.mask_pack(mask)
+
+    def run():
+        return (pp.sparse_masked_linear(x, w, packed, b),
+                torch.ops.pyprune.sparse_masked_linear_grad_input(gy, w, packed.col_ptr, packed.row_idx),
+                torch.ops.pyprune.sparse_masked_linear_grad_weight(gy, x, w, packed.row_ptr, packed.col_idx))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)
+    assert torch.equal(pp.sparse_masked_linear(x[37:41], w, packed, b), one[0][37:41])
 
 
 def test_sparse_ops_read_non_contiguous_packed_masks(device):

@@ -1,41 +1,35 @@
 // CPU kernels of the sparse path of masked_linear: only the kept weights are
 // read and multiplied, so the work is O(nnz * batch) instead of O(out * in * batch).
 //
-// Batch-last layout: the kernels work on x^T [in, M] and y^T [out, M] (M = batch
-// rows), so every kept weight scales one contiguous row of M values (a vectorised
-// axpy) and the sampled gradient is a contiguous dot product. Each output row is
-// produced by one thread in index order: deterministic.
+// Products (forward and grad_input) work on batch tiles: a task takes up to W
+// batch rows of the batch-first source ([M, in] as PyTorch stores x), transposes
+// them into a [in, W] tile that stays in L2, and computes W outputs of each
+// output line at once with the accumulators in registers (every kept weight
+// scales one contiguous W-row of the tile), then transposes the results into the
+// batch-first output. This replaced whole-matrix transposes of x and y
+// (x.t().contiguous()) that cost 40-50% of a low-density product.
+// The sampled gradient works on x^T and grad_y^T: a contiguous dot product per
+// kept weight. Each output value is computed by one thread in index order, with
+// an order that does not depend on the batch tiling or the thread count:
+// deterministic.
 #include <pyprune/cpu_clones.h>
+#include <pyprune/cpu_memory.h>
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace pyprune {
 namespace {
-
-// out[m] += sum_j w[j] * src[j][m] for four source rows at once (one pass over out).
-template <typename scalar_t>
-C10_ALWAYS_INLINE void axpy4_body(scalar_t* __restrict out, const scalar_t* w,
-                                  const scalar_t* __restrict s0, const scalar_t* __restrict s1,
-                                  const scalar_t* __restrict s2, const scalar_t* __restrict s3,
-                                  int64_t len) {
-  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-  for (int64_t m = 0; m < len; ++m) out[m] += w0 * s0[m] + w1 * s1[m] + w2 * s2[m] + w3 * s3[m];
-}
-
-template <typename scalar_t>
-C10_ALWAYS_INLINE void axpy1_body(scalar_t* __restrict out, scalar_t w,
-                                  const scalar_t* __restrict src, int64_t len) {
-  for (int64_t m = 0; m < len; ++m) out[m] += w * src[m];
-}
 
 // 32-byte vectors (GCC vector extensions): an AVX2 register, two SSE ones on
 // the baseline build.
@@ -94,68 +88,350 @@ C10_ALWAYS_INLINE bool row_in_range(const int64_t* ptr, const int64_t* idx, int6
   return ok;
 }
 
-// For output rows [begin, end): out[r] = init[r] (or 0) + sum over p in
-// [ptr[r], ptr[r+1]) of w[r * w_row + idx[p] * w_idx] * src[idx[p]], rows of
-// length M. The forward uses (w_row, w_idx) = (in, 1): weight[r, col]; the
-// input gradient (in columns) uses (1, in): weight[row, r].
-// Returns false, leaving the rest undone, at the first row whose index entries
-// are out of range (see row_in_range).
-template <typename scalar_t>
-C10_ALWAYS_INLINE bool gather_axpy_rows_body(scalar_t* out, int64_t begin, int64_t end, int64_t M,
-                                             const int64_t* ptr, const int64_t* idx, int64_t nnz,
-                                             int64_t src_rows, const scalar_t* src, const scalar_t* init,
-                                             const scalar_t* w, int64_t w_row, int64_t w_idx) {
-  for (int64_t r = begin; r < end; ++r) {
-    if (!row_in_range(ptr, idx, r, nnz, src_rows)) return false;
-    scalar_t* o = out + r * M;
-    const scalar_t* wr = w + r * w_row;
-    std::fill(o, o + M, init ? init[r] : scalar_t(0));
-    int64_t p = ptr[r];
-    for (; p + 4 <= ptr[r + 1]; p += 4) {
-      const scalar_t ws[4] = {wr[idx[p] * w_idx], wr[idx[p + 1] * w_idx], wr[idx[p + 2] * w_idx],
-                              wr[idx[p + 3] * w_idx]};
-      axpy4_body(o, ws, src + idx[p] * M, src + idx[p + 1] * M, src + idx[p + 2] * M,
-                 src + idx[p + 3] * M, M);
+// One output line for W = V * lanes batch rows: out[0:W) = init + sum over
+// k < count of vals[k] * tile[idx[k]][0:W). Two accumulator sets (even and odd
+// k) keep 2V independent FMA chains in flight.
+template <typename scalar_t, int V>
+C10_ALWAYS_INLINE void tile_line(scalar_t* __restrict out, scalar_t init, const int64_t* idx, int64_t count,
+                                 const scalar_t* __restrict tile, const scalar_t* vals) {
+  using vec = typename Vec32<scalar_t>::type;
+  constexpr int64_t lanes = 32 / sizeof(scalar_t), W = V * lanes;
+  vec even[V], odd[V];
+  for (int v = 0; v < V; ++v) {
+    even[v] = vec{} + init;
+    odd[v] = vec{};
+  }
+  int64_t k = 0;
+  for (; k + 2 <= count; k += 2) {
+    const scalar_t w0 = vals[k], w1 = vals[k + 1];
+    const scalar_t* t0 = tile + idx[k] * W;
+    const scalar_t* t1 = tile + idx[k + 1] * W;
+    for (int v = 0; v < V; ++v) {
+      vec x0, x1;
+      std::memcpy(&x0, t0 + v * lanes, sizeof(vec));
+      std::memcpy(&x1, t1 + v * lanes, sizeof(vec));
+      even[v] += w0 * x0;
+      odd[v] += w1 * x1;
     }
-    for (; p < ptr[r + 1]; ++p) axpy1_body(o, wr[idx[p] * w_idx], src + idx[p] * M, M);
+  }
+  if (k < count) {
+    const scalar_t w0 = vals[k];
+    const scalar_t* t0 = tile + idx[k] * W;
+    for (int v = 0; v < V; ++v) {
+      vec x0;
+      std::memcpy(&x0, t0 + v * lanes, sizeof(vec));
+      even[v] += w0 * x0;
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const vec sum = even[v] + odd[v];
+    std::memcpy(out + v * lanes, &sum, sizeof(vec));
+  }
+}
+
+// Lines [begin, end) over one tile into out [end - begin, W]; vals holds the
+// kept values of these lines, from entry ptr[begin] on.
+template <typename scalar_t, int V>
+C10_ALWAYS_INLINE void tile_lines_body(scalar_t* out, const scalar_t* tile, int64_t begin, int64_t end,
+                                       const int64_t* ptr, const int64_t* idx, const scalar_t* vals,
+                                       const scalar_t* init) {
+  constexpr int64_t W = V * (32 / sizeof(scalar_t));
+  for (int64_t line = begin; line < end; ++line) {
+    tile_line<scalar_t, V>(out + (line - begin) * W, init ? init[line] : scalar_t(0), idx + ptr[line],
+                           ptr[line + 1] - ptr[line], tile, vals + (ptr[line] - ptr[begin]));
+  }
+}
+
+// vals[p - ptr[begin]] = w[line * w_row + idx[p] * w_idx] for the kept entries
+// of lines [begin, end): the values of a chunk of lines, gathered once and
+// reused for every batch tile. Returns false, leaving the rest undone, at the
+// first line whose index entries are out of range (see row_in_range).
+template <typename scalar_t>
+C10_ALWAYS_INLINE bool gather_values_body(scalar_t* vals, int64_t begin, int64_t end, const int64_t* ptr,
+                                          const int64_t* idx, int64_t nnz, int64_t idx_limit, const scalar_t* w,
+                                          int64_t w_row, int64_t w_idx) {
+  for (int64_t line = begin; line < end; ++line) {
+    if (!row_in_range(ptr, idx, line, nnz, idx_limit)) return false;
+    const scalar_t* wr = w + line * w_row;
+    scalar_t* v = vals + (ptr[line] - ptr[begin]);
+    for (int64_t p = ptr[line]; p < ptr[line + 1]; ++p) v[p - ptr[line]] = wr[idx[p] * w_idx];
   }
   return true;
 }
 
-// out[r * K + idx[p]] = dot(a[r], b[idx[p]]) for the kept entries of rows [begin, end).
-// Returns false at the first row whose index entries are out of range.
+// In-register transpose of a lanes x lanes block (rows[i][j] -> rows[j][i]):
+// log2(lanes) rounds of interleaving row i with row i + lanes / 2.
+template <typename vec, typename index_vec, int lanes>
+C10_ALWAYS_INLINE void transpose_block_body(vec* rows, index_vec lo, index_vec hi) {
+  for (int round = 1; round < lanes; round *= 2) {
+    vec next[lanes];
+    for (int i = 0; i < lanes / 2; ++i) {
+      next[2 * i] = __builtin_shuffle(rows[i], rows[i + lanes / 2], lo);
+      next[2 * i + 1] = __builtin_shuffle(rows[i], rows[i + lanes / 2], hi);
+    }
+    for (int i = 0; i < lanes; ++i) rows[i] = next[i];
+  }
+}
+
+C10_ALWAYS_INLINE void transpose_block(Vec32<float>::type* rows) {
+  typedef int32_t index_vec __attribute__((vector_size(32)));
+  transpose_block_body<Vec32<float>::type, index_vec, 8>(rows, index_vec{0, 8, 1, 9, 2, 10, 3, 11},
+                                                         index_vec{4, 12, 5, 13, 6, 14, 7, 15});
+}
+
+C10_ALWAYS_INLINE void transpose_block(Vec32<double>::type* rows) {
+  typedef int64_t index_vec __attribute__((vector_size(32)));
+  transpose_block_body<Vec32<double>::type, index_vec, 4>(rows, index_vec{0, 4, 1, 5}, index_vec{2, 6, 3, 7});
+}
+
+// dst[c * W + m] = src[m * ld + c] for m < rows (zeros for m in [rows, W)), c < cols:
+// `rows` batch rows of a batch-first matrix into a batch-last tile, a
+// lanes x lanes block at a time, 64 tile lines (in L1) at a time.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void rows_to_tile(scalar_t* __restrict dst, int64_t W, const scalar_t* __restrict src,
+                                    int64_t ld, int64_t rows, int64_t cols) {
+  using vec = typename Vec32<scalar_t>::type;
+  constexpr int64_t lanes = 32 / sizeof(scalar_t), col_block = 64;
+  for (int64_t c0 = 0; c0 < cols; c0 += col_block) {
+    const int64_t c1 = std::min(cols, c0 + col_block);
+    const int64_t full_end = c0 + (c1 - c0) / lanes * lanes;
+    for (int64_t m0 = 0; m0 < W; m0 += lanes) {
+      const int64_t n_rows = std::max<int64_t>(0, std::min(lanes, rows - m0));
+      for (int64_t c = c0; c < full_end; c += lanes) {
+        vec block[lanes];
+        for (int64_t i = 0; i < lanes; ++i) {
+          block[i] = vec{};
+          if (i < n_rows) std::memcpy(&block[i], src + (m0 + i) * ld + c, sizeof(vec));
+        }
+        transpose_block(block);
+        for (int64_t j = 0; j < lanes; ++j) std::memcpy(dst + (c + j) * W + m0, &block[j], sizeof(vec));
+      }
+      for (int64_t c = full_end; c < c1; ++c) {
+        for (int64_t i = 0; i < lanes; ++i) dst[c * W + m0 + i] = i < n_rows ? src[(m0 + i) * ld + c] : 0;
+      }
+    }
+  }
+}
+
+// dst[m * ld + j] = src[j * W + m] for m < rows, j < lines: back to batch-first.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void tile_to_rows(scalar_t* __restrict dst, int64_t ld, const scalar_t* __restrict src,
+                                    int64_t W, int64_t rows, int64_t lines) {
+  using vec = typename Vec32<scalar_t>::type;
+  constexpr int64_t lanes = 32 / sizeof(scalar_t);
+  const int64_t full_lines = lines / lanes * lanes;
+  for (int64_t m0 = 0; m0 < rows; m0 += lanes) {
+    const int64_t n_rows = std::min(lanes, rows - m0);
+    for (int64_t j = 0; j < full_lines; j += lanes) {
+      vec block[lanes];
+      for (int64_t k = 0; k < lanes; ++k) std::memcpy(&block[k], src + (j + k) * W + m0, sizeof(vec));
+      transpose_block(block);
+      for (int64_t i = 0; i < n_rows; ++i) std::memcpy(dst + (m0 + i) * ld + j, &block[i], sizeof(vec));
+    }
+    for (int64_t j = full_lines; j < lines; ++j) {
+      for (int64_t i = 0; i < n_rows; ++i) dst[(m0 + i) * ld + j] = src[j * W + m0 + i];
+    }
+  }
+}
+
+// sums[j] = dot(a, b + idx[j] * M) for j < lanes, M a multiple of lanes: one
+// vector accumulator per dot (independent FMA chains), then one transpose turns
+// the accumulators into a vector of their sums. A horizontal sum per dot cost
+// more than its products at training batch sizes.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void dots_by_lanes(typename Vec32<scalar_t>::type& sums, const scalar_t* __restrict a,
+                                     const scalar_t* __restrict b, const int64_t* idx, int64_t M) {
+  using vec = typename Vec32<scalar_t>::type;
+  constexpr int64_t lanes = 32 / sizeof(scalar_t);
+  vec acc[lanes];
+  for (int64_t j = 0; j < lanes; ++j) acc[j] = vec{};
+  for (int64_t m = 0; m < M; m += lanes) {
+    vec av;
+    std::memcpy(&av, a + m, sizeof(vec));
+    for (int64_t j = 0; j < lanes; ++j) {
+      vec bv;
+      std::memcpy(&bv, b + idx[j] * M + m, sizeof(vec));
+      acc[j] += av * bv;
+    }
+  }
+  transpose_block(acc);  // acc[i][j]: lane i of dot j's accumulator
+  sums = acc[0];
+  for (int64_t i = 1; i < lanes; ++i) sums += acc[i];
+}
+
+// Rows [begin, end) of out [*, K]: zeros, and dot(a[r], b[idx[p]]) (length M, a
+// multiple of lanes) at the kept entries. Each thread zero-fills its own rows
+// right before writing them (a fresh output's first touch, split between
+// threads, instead of a separate zeroing pass). Returns false at the first row
+// whose index entries are out of range.
 template <typename scalar_t>
 C10_ALWAYS_INLINE bool sampled_dots_body(scalar_t* out, int64_t begin, int64_t end, int64_t M,
                                          int64_t K, const int64_t* ptr, const int64_t* idx, int64_t nnz,
                                          const scalar_t* a, const scalar_t* b) {
+  constexpr int64_t lanes = 32 / sizeof(scalar_t);
   for (int64_t r = begin; r < end; ++r) {
     if (!row_in_range(ptr, idx, r, nnz, K)) return false;
-    for (int64_t p = ptr[r]; p < ptr[r + 1]; ++p) {
-      out[r * K + idx[p]] = dot_body(a + r * M, b + idx[p] * M, M);
+    scalar_t* row = out + r * K;
+    std::fill(row, row + K, scalar_t(0));
+    int64_t p = ptr[r];
+    for (; p + lanes <= ptr[r + 1]; p += lanes) {
+      typename Vec32<scalar_t>::type sums;
+      dots_by_lanes(sums, a + r * M, b, idx + p, M);
+      for (int64_t j = 0; j < lanes; ++j) row[idx[p + j]] = sums[j];
     }
+    for (; p < ptr[r + 1]; ++p) row[idx[p]] = dot_body(a + r * M, b + idx[p] * M, M);
   }
   return true;
 }
 
 // The loops above, compiled per instruction set (see cpu_clones.h).
-#define PYPRUNE_SPARSE_LOOPS(T)                                                                  \
-  PYPRUNE_CPU_CLONES bool gather_axpy_rows(T* out, int64_t begin, int64_t end, int64_t M,       \
-                                           const int64_t* ptr, const int64_t* idx, int64_t nnz,  \
-                                           int64_t src_rows, const T* src, const T* init,        \
-                                           const T* w, int64_t w_row, int64_t w_idx) {           \
-    return gather_axpy_rows_body(out, begin, end, M, ptr, idx, nnz, src_rows, src, init, w,      \
-                                 w_row, w_idx);                                                  \
-  }                                                                                              \
-  PYPRUNE_CPU_CLONES bool sampled_dots(T* out, int64_t begin, int64_t end, int64_t M, int64_t K, \
-                                       const int64_t* ptr, const int64_t* idx, int64_t nnz,     \
-                                       const T* a, const T* b) {                                 \
-    return sampled_dots_body(out, begin, end, M, K, ptr, idx, nnz, a, b);                        \
+#define PYPRUNE_SPARSE_LOOPS(T)                                                                      \
+  PYPRUNE_CPU_CLONES void tile_lines(T* out, int V, const T* tile, int64_t begin, int64_t end,        \
+                                     const int64_t* ptr, const int64_t* idx, const T* vals,          \
+                                     const T* init) {                                                \
+    if (V == 1) return tile_lines_body<T, 1>(out, tile, begin, end, ptr, idx, vals, init);           \
+    if (V == 2) return tile_lines_body<T, 2>(out, tile, begin, end, ptr, idx, vals, init);           \
+    tile_lines_body<T, 4>(out, tile, begin, end, ptr, idx, vals, init);                              \
+  }                                                                                                  \
+  PYPRUNE_CPU_CLONES bool gather_values(T* vals, int64_t begin, int64_t end, const int64_t* ptr,      \
+                                        const int64_t* idx, int64_t nnz, int64_t idx_limit,          \
+                                        const T* w, int64_t w_row, int64_t w_idx) {                  \
+    return gather_values_body(vals, begin, end, ptr, idx, nnz, idx_limit, w, w_row, w_idx);          \
+  }                                                                                                  \
+  PYPRUNE_CPU_CLONES void to_tile(T* dst, int64_t W, const T* src, int64_t ld, int64_t rows,         \
+                                  int64_t cols) {                                                    \
+    rows_to_tile(dst, W, src, ld, rows, cols);                                                       \
+  }                                                                                                  \
+  PYPRUNE_CPU_CLONES void from_tile(T* dst, int64_t ld, const T* src, int64_t W, int64_t rows,       \
+                                    int64_t lines) {                                                 \
+    tile_to_rows(dst, ld, src, W, rows, lines);                                                      \
+  }                                                                                                  \
+  PYPRUNE_CPU_CLONES bool sampled_dots(T* out, int64_t begin, int64_t end, int64_t M, int64_t K,     \
+                                       const int64_t* ptr, const int64_t* idx, int64_t nnz,         \
+                                       const T* a, const T* b) {                                     \
+    return sampled_dots_body(out, begin, end, M, K, ptr, idx, nnz, a, b);                            \
   }
 PYPRUNE_SPARSE_LOOPS(float)
 PYPRUNE_SPARSE_LOOPS(double)
 #undef PYPRUNE_SPARSE_LOOPS
 
 int64_t rows_per_task(int64_t M) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1)); }
+
+// A batch tile of a sparse product: batch rows [m0, m0 + rows), V vectors
+// (W = V * lanes >= rows values) per tile line, stored at `offset` in the tiled
+// source as [src_cols, W].
+struct BatchTile {
+  int64_t m0, rows;
+  int V;
+  int64_t offset;
+};
+
+// Source tiles up to this size (they should stay in L2 with room to spare).
+constexpr int64_t kTileBytes = 512 * 1024;
+
+// Tiles of the widest width (4 vectors: 32 floats, 16 doubles) that keeps a
+// [src_cols, W] tile within kTileBytes, narrower for the last few rows. Depends on
+// the shapes only, never on the thread count.
+std::vector<BatchTile> plan_batch_tiles(int64_t M, int64_t src_cols, int64_t elem_bytes) {
+  const int64_t lanes = 32 / elem_bytes;
+  int max_v = 4;
+  while (max_v > 1 && src_cols * max_v * 32 > kTileBytes) max_v /= 2;
+  std::vector<BatchTile> tiles;
+  int64_t offset = 0;
+  for (int64_t m0 = 0; m0 < M;) {
+    int V = 1;
+    while (V < max_v && V * lanes < M - m0) V *= 2;
+    const int64_t rows = std::min(M - m0, V * lanes);
+    tiles.push_back({m0, rows, V, offset});
+    m0 += rows;
+    offset += src_cols * V * lanes;
+  }
+  return tiles;
+}
+
+// Lines per task: enough that the chunk's gathered values (~256 KiB of floats)
+// amortise the trip through every batch tile, few enough to give each thread
+// several chunks (small layers are otherwise split unevenly between threads).
+int64_t lines_per_chunk(int64_t lines, int64_t nnz) {
+  const int64_t per_line = std::max<int64_t>(1, nnz / std::max<int64_t>(lines, 1));
+  const int64_t by_values = std::max<int64_t>(8, 65536 / per_line);
+  const int64_t by_threads = std::max<int64_t>(8, lines / (8 * at::get_num_threads()));
+  return std::min(by_values, by_threads);
+}
+
+// dst [cols, W] = rows [0, rows) of src [*, cols] (leading dimension ld) as a
+// batch-last tile (see rows_to_tile), split by columns between threads when large:
+// below ~1M values a second parallel region costs more than the (vectorised)
+// rearrangement.
+template <typename scalar_t>
+void to_tile_parallel(scalar_t* dst, int64_t W, const scalar_t* src, int64_t ld, int64_t rows, int64_t cols) {
+  const int64_t grain = W * cols < (1 << 20) ? cols : 256;
+  at::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
+    to_tile(dst + begin * W, W, src + begin, ld, rows, end - begin);
+  });
+}
+
+// out [M, lines] (batch-first) = the sparse product of src [M, src_cols]:
+// out[m, line] = init[line] (or 0) + sum over p in [ptr[line], ptr[line+1]) of
+// w[line * w_row + idx[p] * w_idx] * src[m, idx[p]]. The forward uses
+// (w_row, w_idx) = (in, 1): weight[line, col]; the input gradient (lines = input
+// columns) uses (1, in): weight[row, line]. The source is first rearranged into
+// batch tiles, then each task takes a chunk of lines, gathers their kept values
+// once and runs them over every tile, writing the results back batch-first.
+// Returns false if some line's index entries are out of range.
+bool sparse_product(at::Tensor& out, const at::Tensor& src, const at::Tensor& ptr, const at::Tensor& idx,
+                    const at::Tensor& w, int64_t w_row, int64_t w_idx, const at::Tensor& init) {
+  const int64_t M = src.size(0), src_cols = src.size(1), lines = out.size(1), nnz = idx.numel();
+  const std::vector<BatchTile> tiles = plan_batch_tiles(M, src_cols, src.element_size());
+  if (tiles.empty()) return true;
+  const int64_t lanes = 32 / src.element_size();
+  at::Tensor tiled = at::empty({tiles.back().offset + src_cols * tiles.back().V * lanes}, src.options());
+  const int64_t chunk = lines_per_chunk(lines, nnz);
+  const int64_t n_chunks = (lines + chunk - 1) / chunk;
+  // Below ~32K multiply-adds a thread wake-up costs more than it saves.
+  const int64_t grain = nnz * M < (1 << 15) ? n_chunks : 1;
+  std::atomic<bool> in_range{true};
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_masked_linear_cpu", [&] {
+    scalar_t* tiled_data = tiled.data_ptr<scalar_t>();
+    for (const BatchTile& t : tiles) {
+      to_tile_parallel(tiled_data + t.offset, t.V * lanes, src.const_data_ptr<scalar_t>() + t.m0 * src_cols,
+                       src_cols, t.rows, src_cols);
+    }
+    const int64_t* p = ptr.const_data_ptr<int64_t>();
+    const int64_t* ix = idx.const_data_ptr<int64_t>();
+    const scalar_t* bias = init.defined() ? init.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n_chunks, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+      std::vector<scalar_t> lines_buf(chunk * 4 * lanes), vals;
+      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        const int64_t l0 = c * chunk, l1 = std::min(lines, l0 + chunk);
+        // The chunk's value count comes from ptr before gather_values checks its lines.
+        if (p[l0] < 0 || p[l1] < p[l0] || p[l1] > nnz) {
+          in_range = false;
+          return;
+        }
+        vals.resize(p[l1] - p[l0]);
+        if (!gather_values(vals.data(), l0, l1, p, ix, nnz, src_cols, w.const_data_ptr<scalar_t>(), w_row,
+                           w_idx)) {
+          in_range = false;
+          return;
+        }
+        for (const BatchTile& t : tiles) {
+          tile_lines(lines_buf.data(), t.V, tiled_data + t.offset, l0, l1, p, ix, vals.data(), bias);
+          from_tile(out.data_ptr<scalar_t>() + t.m0 * lines + l0, lines, lines_buf.data(), t.V * lanes, t.rows,
+                    l1 - l0);
+        }
+      }
+    });
+  });
+  return in_range;
+}
+
+// y viewed with `like`'s leading dimensions and `last` as its last one.
+at::Tensor with_leading_dims(const at::Tensor& y, const at::Tensor& like, int64_t last) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  shape.back() = last;
+  return y.view(shape);
+}
 
 void check_cpu_dtype(const char* op, const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
@@ -173,25 +449,13 @@ at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
   check_cpu_dtype(op, weight);
   check_sparse_forward_args(op, x, weight, bias);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  const at::Tensor xt = batch_last(x, in_f);
-  const int64_t M = xt.size(1);
-  const at::Tensor w = weight.contiguous();
-  at::Tensor yt = at::empty({out_f, M}, x.options());
+  const at::Tensor x_rows = x.reshape({-1, in_f}).contiguous();
+  at::Tensor y = at::empty({x_rows.size(0), out_f}, x.options());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
-  std::atomic<bool> in_range{true};
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    const scalar_t* init = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, out_f, rows_per_task(M), [&](int64_t begin, int64_t end) {
-      if (!gather_axpy_rows(yt.data_ptr<scalar_t>(), begin, end, M, ptr.const_data_ptr<int64_t>(),
-                            idx.const_data_ptr<int64_t>(), idx.numel(), in_f, xt.const_data_ptr<scalar_t>(),
-                            init, w.const_data_ptr<scalar_t>(), in_f, 1)) {
-        in_range = false;
-      }
-    });
-  });
+  const bool in_range =
+      sparse_product(y, x_rows, row_ptr.contiguous(), col_idx.contiguous(), weight.contiguous(), in_f, 1, b);
   check_packed_rows_ok(op, in_range, weight, /*rows_first=*/true);
-  return from_batch_last(yt, x, out_f);
+  return with_leading_dims(y, x, out_f);
 }
 
 at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
@@ -202,23 +466,12 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out_f, op,
               ": grad_y's last dim must be out_features = ", out_f);
-  const at::Tensor gyt = batch_last(grad_y.to(weight.scalar_type()), out_f);
-  const int64_t M = gyt.size(1);
-  const at::Tensor w = weight.contiguous();
-  at::Tensor gxt = at::empty({in_f, M}, weight.options());
-  const at::Tensor ptr = col_ptr.contiguous(), idx = row_idx.contiguous();
-  std::atomic<bool> in_range{true};
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    at::parallel_for(0, in_f, rows_per_task(M), [&](int64_t begin, int64_t end) {
-      if (!gather_axpy_rows(gxt.data_ptr<scalar_t>(), begin, end, M, ptr.const_data_ptr<int64_t>(),
-                            idx.const_data_ptr<int64_t>(), idx.numel(), out_f, gyt.const_data_ptr<scalar_t>(),
-                            nullptr, w.const_data_ptr<scalar_t>(), 1, in_f)) {
-        in_range = false;
-      }
-    });
-  });
+  const at::Tensor gy_rows = grad_y.to(weight.scalar_type()).reshape({-1, out_f}).contiguous();
+  at::Tensor gx = at::empty({gy_rows.size(0), in_f}, weight.options());
+  const bool in_range = sparse_product(gx, gy_rows, col_ptr.contiguous(), row_idx.contiguous(),
+                                       weight.contiguous(), 1, in_f, at::Tensor());
   check_packed_rows_ok(op, in_range, weight, /*rows_first=*/false);
-  return from_batch_last(gxt, grad_y, in_f);
+  return with_leading_dims(gx, grad_y, in_f);
 }
 
 at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -229,14 +482,20 @@ at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   TORCH_CHECK(grad_y.dim() >= 1 && x.dim() >= 1 && grad_y.size(-1) == out_f && x.size(-1) == in_f, op,
               ": grad_y and x must end in out_features and in_features");
-  const at::Tensor gyt = batch_last(grad_y.to(weight.scalar_type()), out_f);
-  const at::Tensor xt = batch_last(x.to(weight.scalar_type()), in_f);
-  TORCH_CHECK(gyt.size(1) == xt.size(1), op, ": grad_y and x must have the same number of rows");
-  const int64_t M = xt.size(1);
-  at::Tensor gw = at::zeros({out_f, in_f}, weight.options());  // pruned entries: exactly 0
+  const at::Tensor gy_rows = grad_y.to(weight.scalar_type()).reshape({-1, out_f}).contiguous();
+  const at::Tensor x_rows = x.to(weight.scalar_type()).reshape({-1, in_f}).contiguous();
+  TORCH_CHECK(gy_rows.size(0) == x_rows.size(0), op, ": grad_y and x must have the same number of rows");
+  // Batch-last copies [features, M rounded up to a vector]: every kept weight's
+  // gradient is then one contiguous dot product (the zero padding adds exact zeros).
+  const int64_t lanes = 32 / weight.element_size();
+  const int64_t M = (x_rows.size(0) + lanes - 1) / lanes * lanes;
+  at::Tensor gyt = at::empty({out_f, M}, weight.options()), xt = at::empty({in_f, M}, weight.options());
+  at::Tensor gw = empty_cpu_huge_paged({out_f, in_f}, weight.options());  // every entry written (pruned: exactly 0)
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
   std::atomic<bool> in_range{true};
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
+    to_tile_parallel(gyt.data_ptr<scalar_t>(), M, gy_rows.const_data_ptr<scalar_t>(), out_f, gy_rows.size(0), out_f);
+    to_tile_parallel(xt.data_ptr<scalar_t>(), M, x_rows.const_data_ptr<scalar_t>(), in_f, x_rows.size(0), in_f);
     at::parallel_for(0, out_f, rows_per_task(M), [&](int64_t begin, int64_t end) {
       if (!sampled_dots(gw.data_ptr<scalar_t>(), begin, end, M, in_f, ptr.const_data_ptr<int64_t>(),
                         idx.const_data_ptr<int64_t>(), idx.numel(), gyt.const_data_ptr<scalar_t>(),
