@@ -109,19 +109,21 @@ def test_automatic_path_choice_follows_the_measured_thresholds():
     from pyprune_ext.nn import masked as masked_mod
     x = torch.randn(2, 784)
     exact = lambda density: torch.arange(300 * 784).reshape(300, 784) < round(density * 300 * 784)  # noqa: E731
-    layer = MaskedLinear.from_dense(nn.Linear(784, 300), exact(0.25))
+    layer = MaskedLinear.from_dense(nn.Linear(784, 300), exact(0.35))
     train_cut = masked_mod.SPARSE_DENSITY_THRESHOLD["cpu"]
     infer_cut = masked_mod.SPARSE_DENSITY_THRESHOLD_INFERENCE["cpu"]
-    assert train_cut < 0.25 < infer_cut
-    assert not layer._use_sparse(x)  # training: forward + backward, dense-masked wins at 25%
+    assert train_cut < 0.35 < infer_cut
+    assert not layer._use_sparse(x)  # training: forward + backward, dense-masked wins at 35%
     with torch.no_grad():
-        assert layer._use_sparse(x)  # forward only: sparse wins at 25%
+        assert layer._use_sparse(x)  # forward only: sparse wins at 35%
     layer.set_mask(exact(0.1))
     assert layer._use_sparse(x)
-    small = MaskedLinear.from_dense(nn.Linear(300, 100), torch.zeros(100, 300, dtype=torch.bool))
-    assert small.weight.numel() < masked_mod.SPARSE_MIN_WEIGHTS and not small._use_sparse(torch.randn(2, 300))
-    small.sparse_threshold = 1.0  # an explicit threshold overrides the size rule
-    assert small._use_sparse(torch.randn(2, 300))
+    layer.sparse_threshold = 0.0  # an explicit threshold overrides the measured ones
+    assert not layer._use_sparse(x)
+    small = MaskedLinear.from_dense(nn.Linear(100, 10), torch.arange(1000).reshape(10, 100) < 100)
+    assert small._use_sparse(torch.randn(2, 100))  # no minimum size
+    small.set_mask(torch.ones(10, 100, dtype=torch.bool))
+    assert not small._use_sparse(torch.randn(2, 100))
 
 
 def test_packed_mask_follows_set_mask():

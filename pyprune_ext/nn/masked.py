@@ -34,20 +34,16 @@ from .. import ops
 # Density at or below which MaskedLinear uses the sparse path, per device type,
 # when it trains (autograd records the call: forward + backward) and in
 # inference (forward only), chosen by timing both paths on the 2-core CPU
-# (forward and forward+backward of 300x784 at batch 60, 1024x1024 at 64 and
-# 256, 4096x4096 at 64; densities 50, 35, 25, 20, 15%). Forward+backward breaks
-# even at 17-35% density depending on the shape, the forward alone at 30-50%:
-# the sparse backward's two products cost more per kept weight than its
-# forward. A mask drawn at 20% lands a little above or below 0.2; on those
-# shapes the two paths are within 5% there, so either choice is fine.
+# (forward and forward+backward of 10x100, 64x128, 100x300 and 300x784 at batch
+# 60, 1024x1024 at 64 and 256, 4096x4096 at 64; densities 5-50%). Since the
+# sparse kernels work on batch tiles (no whole-matrix transposes), forward+
+# backward breaks even at 30-40% density and the forward alone at 40-50%,
+# whatever the layer size (even 10x100): no minimum size.
 # On CUDA the sparse kernels have not been shown to beat cuBLAS yet, so they run
 # only when asked for (module.sparse_threshold = 1.0 forces the sparse path,
 # 0.0 forbids it).
-SPARSE_DENSITY_THRESHOLD = {"cpu": 0.2, "cuda": 0.0}
-SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.3, "cuda": 0.0}
-# Below this many weights the sparse kernels' fixed costs (transposes, index
-# checks) outweigh their savings in training (measured on 100x300 and 10x100).
-SPARSE_MIN_WEIGHTS = 65536
+SPARSE_DENSITY_THRESHOLD = {"cpu": 0.3, "cuda": 0.0}
+SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.4, "cuda": 0.0}
 
 _LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
 _HOOK_HANDLE = None
@@ -176,8 +172,8 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 
     At or below ``sparse_threshold`` density (default None: the device's entry
     in ``SPARSE_DENSITY_THRESHOLD`` when autograd records the call, in
-    ``SPARSE_DENSITY_THRESHOLD_INFERENCE`` when it does not, for layers of at
-    least ``SPARSE_MIN_WEIGHTS`` weights; 0 disables, 1 forces) it runs the
+    ``SPARSE_DENSITY_THRESHOLD_INFERENCE`` when it does not; 0 disables, 1
+    forces) it runs the
     sparse kernels; otherwise the dense-masked op.
     """
 
@@ -196,8 +192,6 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     def _use_sparse(self, x: Tensor) -> bool:
         threshold = self.sparse_threshold
         if threshold is None:  # automatic choice
-            if self.weight.numel() < SPARSE_MIN_WEIGHTS:
-                return False
             training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
             table = SPARSE_DENSITY_THRESHOLD if training else SPARSE_DENSITY_THRESHOLD_INFERENCE
             threshold = table.get(x.device.type, 0.0)
