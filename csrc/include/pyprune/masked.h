@@ -32,7 +32,7 @@ void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Ten
                          const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
                          const char* idx_name);
 
-// The sparse kernels' batch-last layout: x [..., features] -> x^T [features, M],
+// The CUDA sparse kernels' batch-last layout: x [..., features] -> x^T [features, M],
 // contiguous (M = all leading dims), and back: rows [last, M] -> [..., last]
 // with like's leading dims.
 at::Tensor batch_last(const at::Tensor& x, int64_t features);
