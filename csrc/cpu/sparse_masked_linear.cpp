@@ -1,17 +1,19 @@
 // CPU kernels of the sparse path of masked_linear: only the kept weights are
 // read and multiplied, so the work is O(nnz * batch) instead of O(out * in * batch).
 //
-// Products (forward and grad_input) work on batch tiles: a task takes up to W
-// batch rows of the batch-first source ([M, in] as PyTorch stores x), transposes
-// them into a [in, W] tile that stays in L2, and computes W outputs of each
-// output line at once with the accumulators in registers (every kept weight
-// scales one contiguous W-row of the tile), then transposes the results into the
+// Products (forward and grad_input) work on batch tiles: the batch-first source
+// ([M, in] as PyTorch stores x) is first rearranged into tiles of W <= 32 batch
+// rows, [in, W] each, small enough to stay in L2. Then each task takes a chunk of
+// output lines, gathers their kept weights once, and runs them over every tile,
+// computing W outputs per line at once with the sums in registers (every kept
+// weight scales one contiguous W-row of a tile); the results go back to the
 // batch-first output. This replaced whole-matrix transposes of x and y
 // (x.t().contiguous()) that cost 40-50% of a low-density product.
-// The sampled gradient works on x^T and grad_y^T: a contiguous dot product per
-// kept weight. Each output value is computed by one thread in index order, with
-// an order that does not depend on the batch tiling or the thread count:
-// deterministic.
+// The sampled gradient works on x^T and grad_y^T (batch padded to a vector): a
+// contiguous dot product per kept weight.
+// Every output value is computed by one thread in a fixed order: the products
+// give the same bits whatever the thread count and whatever else is in the
+// batch; the sampled gradient whatever the thread count.
 #include <pyprune/cpu_clones.h>
 #include <pyprune/cpu_memory.h>
 #include <pyprune/masked.h>
@@ -19,7 +21,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
