@@ -186,6 +186,28 @@ def test_masked_linear_row_blocks_gradients(row_blocks):
     torch.library.opcheck(torch.ops.pyprune.masked_linear.default, (x, w.requires_grad_(), mask, b))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_masked_linear_split_between_threads(threads):
+    """Weights over 16 KB are split into at least one block per thread even
+    when they fit in one block: forward and both gradient ops at 1-3 threads
+    (3 blocks of 40 x 70 fp64 = 22 KB, odd row and column splits)."""
+    w, mask, b = make_layer(40, 70, 0.5, torch.float64, "cpu", seed=5)
+    x = torch.randn(6, 70, dtype=torch.float64)
+    gy = torch.randn(6, 40, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = pp.masked_linear(x, w, mask, b)
+        gx = torch.ops.pyprune.masked_linear_grad_input.default(gy, w, mask)
+        gw = torch.ops.pyprune.masked_linear_grad_weight.default(gy, x, mask)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close_rel(got, reference_linear(x, w, mask, b), torch.float64)
+    assert_close_rel(gx, gy @ (w * mask), torch.float64)
+    assert_close_rel(gw, (gy.T @ x) * mask, torch.float64)
+    assert (gw[~mask] == 0).all()
+
+
 def test_masked_linear_gradient_ops_match_reference(device):
     for dtype in dtypes_for(device):
         w, mask, _ = make_layer(9, 13, 0.4, dtype, device, seed=4)
