@@ -93,6 +93,12 @@ TORCH_LIBRARY(pyprune, m) {
       "sparse_masked_linear(Tensor x, Tensor weight, Tensor row_ptr, Tensor col_idx, "
       "Tensor col_ptr, Tensor row_idx, Tensor? bias=None) -> Tensor",
       tags);
+  // conv2d(x, weight * mask, bias, ...) from the CSR half of
+  // mask_pack(mask.view(out, -1)): only unpruned weights are read.
+  m.def(
+      "sparse_masked_conv2d(Tensor x, Tensor weight, Tensor row_ptr, Tensor col_idx, Tensor? bias=None, "
+      "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
+      tags);
   m.def(
       "sparse_masked_linear_grad_input(Tensor grad_y, Tensor weight, Tensor col_ptr, "
       "Tensor row_idx) -> Tensor",

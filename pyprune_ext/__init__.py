@@ -44,7 +44,7 @@ _load_extension()
 
 from . import nn, ops  # noqa: E402
 from .ops import (apply_mask, magnitude_prune, magnitude_threshold, masked_conv2d,  # noqa: E402
-                  masked_linear, mask_pack, sparse_masked_linear, taylor_channel_stats, taylor_channel_stats_,
+                  masked_linear, mask_pack, sparse_masked_conv2d, sparse_masked_linear, taylor_channel_stats, taylor_channel_stats_,
                   taylor_weight_stats)
 
 
@@ -75,6 +75,7 @@ __all__ = [
     "masked_linear",
     "nn",
     "ops",
+    "sparse_masked_conv2d",
     "sparse_masked_linear",
     "taylor_channel_stats",
     "taylor_channel_stats_",

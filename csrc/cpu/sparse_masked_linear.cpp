@@ -16,6 +16,7 @@
 // batch; the sampled gradient whatever the thread count.
 #include <pyprune/cpu_clones.h>
 #include <pyprune/cpu_memory.h>
+#include <pyprune/cpu_vec.h>
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
@@ -31,12 +32,6 @@
 
 namespace pyprune {
 namespace {
-
-// 32-byte vectors (GCC vector extensions): an AVX2 register, two SSE ones on
-// the baseline build.
-template <typename scalar_t> struct Vec32;
-template <> struct Vec32<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct Vec32<double> { typedef double type __attribute__((vector_size(32))); };
 
 // acc += a[0:lanes) * b[0:lanes) (unaligned loads; by reference, as a vector
 // return value would change the ABI between the per-instruction-set clones).

@@ -8,12 +8,14 @@ Two paths compute the same function, ``y = x @ (weight * mask)^T + bias``:
   GEMM reads it (no full-size masked copy per call; block size:
   :func:`masked_tile_bytes`). Its gradient w.r.t. ``weight`` is
   ``(grad_y^T x) * mask``: exactly zero at pruned positions.
-* sparse (``sparse_masked_linear``): the mask is packed once (``mask_pack``) into
+* sparse (``sparse_masked_linear``, ``sparse_masked_conv2d``): the mask is packed once (``mask_pack``) into
   CSR and CSC index arrays; every call reads only the kept weights straight
   from the dense ``weight`` (so the values always follow the optimizer) and
   does O(nnz * batch) work. Backward: a transposed sparse product for
   ``grad_x`` and a sampled dense-dense product for ``grad_weight`` at kept
-  positions only. CPU, float32/float64.
+  positions only. CPU, float32/float64. ``sparse_masked_conv2d`` is a direct
+  sparse convolution in the forward (no im2col) and dense-masked in the
+  backward.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ class PackedMask(NamedTuple):
 
 
 def mask_pack(mask: Tensor) -> PackedMask:
-    """Packs a 2-d bool mask for :func:`sparse_masked_linear`. Do it once per mask
-    change and reuse the result across steps."""
+    """Packs a bool mask for :func:`sparse_masked_linear` (2-d [out, in]) or
+    :func:`sparse_masked_conv2d` (4-d [out, in/groups, kh, kw], packed as
+    [out, in/groups * kh * kw]). Do it once per mask change and reuse the
+    result across steps."""
+    if isinstance(mask, Tensor) and mask.dim() > 2:
+        mask = mask.reshape(mask.shape[0], -1)
     return PackedMask(*torch.ops.pyprune.mask_pack.default(mask))
 
 
@@ -79,6 +85,18 @@ def sparse_masked_linear(x: Tensor, weight: Tensor, packed: PackedMask,
     """Same result as :func:`masked_linear` with the mask given in packed form;
     reads only the kept weights. CPU, float32/float64."""
     return torch.ops.pyprune.sparse_masked_linear.default(x, weight, *packed, bias)
+
+
+def sparse_masked_conv2d(x: Tensor, weight: Tensor, packed: PackedMask, bias: Optional[Tensor] = None,
+                         stride: Sequence[int] | int = 1, padding: Sequence[int] | int = 0,
+                         dilation: Sequence[int] | int = 1, groups: int = 1) -> Tensor:
+    """Same result as :func:`masked_conv2d` for x [N, C, H, W], the mask given
+    as ``mask_pack(mask)``; the forward reads only the kept weights (direct
+    sparse convolution). CPU, float32/float64. The backward is dense-masked
+    (torch's convolution backward on ``weight * mask``)."""
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return torch.ops.pyprune.sparse_masked_conv2d.default(x, weight, packed.row_ptr, packed.col_idx, bias,
+                                                          pair(stride), pair(padding), pair(dilation), groups)
 
 
 def masked_tile_bytes(bytes: int = 0) -> int:
@@ -164,6 +182,20 @@ def _sparse_masked_linear_fake(x, weight, row_ptr, col_idx, col_ptr, row_idx, bi
     torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
                  lambda: f"{op}: x's last dim must be in_features = {weight.shape[1]}, got x of shape {list(x.shape)}")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("pyprune::sparse_masked_conv2d")
+def _sparse_masked_conv2d_fake(x, weight, row_ptr, col_idx, bias=None, stride=(1, 1), padding=(0, 0),
+                               dilation=(1, 1), groups=1):
+    op = "sparse_masked_conv2d"
+    torch._check(weight.dim() == 4, lambda: f"{op}: weight must be 4-d [out, in/groups, kh, kw], got {list(weight.shape)}")
+    out = weight.shape[0]
+    torch._check(x.dim() == 4 and x.shape[1] == weight.shape[1] * groups,
+                 lambda: f"{op}: x must be [N, C, H, W] with C = {weight.shape[1] * groups} channels, got {list(x.shape)}")
+    _check_packed_fake(op, weight.reshape(out, -1), row_ptr, col_idx, out + 1, "row_ptr")
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return x.new_empty((x.shape[0], out, *size))
 
 
 @torch.library.register_fake("pyprune::sparse_masked_linear_grad_input")

@@ -42,6 +42,13 @@ at::Tensor from_batch_last(const at::Tensor& rows, const at::Tensor& like, int64
 void check_sparse_forward_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias);
 
+// sparse_masked_conv2d's arguments (csrc/sparse_masked_conv2d.cpp): shapes,
+// dtypes, devices, the convolution's geometry and the packed mask's shapes.
+void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 // masked_linear (csrc/masked_linear.cpp): argument checks of the op and of its
 // two gradient ops, and the generic kernels that mask the whole weight at once.
 void check_masked_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,

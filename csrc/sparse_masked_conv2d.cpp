@@ -1,0 +1,137 @@
+// sparse_masked_conv2d: conv2d(x, weight * mask, bias, ...) with the mask given
+// in packed form (mask_pack(mask.view(out, -1)): CSR over out channels), for
+// every stride, padding, dilation and groups.
+//
+// Here: argument checks, the autograd function, and a clear error on devices
+// without a kernel. The forward has a direct sparse CPU kernel
+// (csrc/cpu/sparse_masked_conv2d.cpp). The backward is the dense-masked one
+// (torch's convolution backward on the masked filter bank, its weight gradient
+// masked): a convolution's backward costs what its forward costs, so a sparse
+// forward alone takes the forward's share off a training step; sparse backward
+// kernels are future work.
+#include <pyprune/masked.h>
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace pyprune {
+
+void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(weight.dim() == 4 && weight.is_floating_point(), op,
+              ": weight must be a 4-d floating-point tensor [out, in/groups, kh, kw], got ", weight.scalar_type(),
+              " of shape ", weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": groups=", groups,
+              " must divide out_channels=", weight.size(0));
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == weight.size(1) * groups, op, ": x must be [N, C, H, W] with C = ",
+              weight.size(1) * groups, " channels, got ", x.sizes());
+  TORCH_CHECK(x.device() == weight.device() && x.scalar_type() == weight.scalar_type(), op,
+              ": x must match weight's dtype and device, got ", x.scalar_type(), " on ", x.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [",
+                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == weight.device() && bias->scalar_type() == weight.scalar_type(), op,
+                ": bias must match weight's dtype and device");
+  }
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 entries each");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
+                ": stride and dilation must be >= 1 and padding >= 0, got stride ", stride, ", padding ", padding,
+                ", dilation ", dilation);
+    const int64_t extent = x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1);
+    TORCH_CHECK(extent >= 1, op, ": the padded input ", x.sizes(), " is smaller than the dilated kernel ",
+                weight.sizes());
+  }
+  const at::Tensor w2d = weight.reshape({weight.size(0), -1});
+  check_packed_shapes(op, w2d, row_ptr, col_idx, weight.size(0) + 1, "row_ptr", "col_idx");
+}
+
+namespace {
+
+// The bool mask [out, in/groups, kh, kw] a CSR pack describes (for the
+// backward's dense-masked formulas: derived from the pack, so forward and
+// backward cannot disagree).
+// (Symbolic sizes throughout: torch.compile traces this backward with them.)
+at::Tensor mask_from_pack(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& weight) {
+  const c10::SymInt per_row = weight.sym_numel() / weight.sym_size(0);
+  const at::Tensor rows = at::repeat_interleave_symint(at::arange(c10::Scalar(weight.sym_size(0)), row_ptr.options()),
+                                                       row_ptr.diff(), 0, col_idx.sym_numel());
+  return at::zeros_like(weight, weight.options().dtype(at::kBool))
+      .reshape({-1})
+      .index_fill_(0, rows * per_row + col_idx, true)
+      .view_as(weight);
+}
+
+using SparseConvForward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                     at::IntArrayRef, int64_t);
+
+class SparseMaskedConv2d : public torch::autograd::Function<SparseMaskedConv2d> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->save_for_backward({x, weight, row_ptr, col_idx});
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pyprune::sparse_masked_conv2d", "")
+                               .typed<SparseConvForward>();
+    return op.call(x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &row_ptr = saved[2], &col_idx = saved[3];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const at::Tensor mask = mask_from_pack(row_ptr, col_idx, weight);
+    const std::vector<int64_t> bias_sizes{weight.size(0)};
+    auto [grad_x, grad_w, grad_b] = at::convolution_backward(
+        grads[0], x, call_apply_mask(weight, mask),
+        has_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), ctx->saved_data["stride"].toIntVector(),
+        ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false,
+        /*output_padding=*/{0, 0}, ctx->saved_data["groups"].toInt(),
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(4)});
+    if (grad_w.defined()) grad_w = call_apply_mask(grad_w, mask);  // pruned weights: exactly 0
+    return {grad_x, grad_w, at::Tensor(), at::Tensor(), grad_b, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor sparse_masked_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_ptr,
+                                         const at::Tensor& col_idx, const std::optional<at::Tensor>& bias,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups) {
+  return SparseMaskedConv2d::apply(x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor sparse_masked_conv2d_no_kernel(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                                          at::IntArrayRef, at::IntArrayRef, int64_t) {
+  TORCH_CHECK(false, "sparse_masked_conv2d: no kernel for ", x.device().type(),
+              " tensors yet (CPU only); use masked_conv2d");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
+  m.impl("sparse_masked_conv2d", &sparse_masked_conv2d_autograd);
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
+  m.impl("sparse_masked_conv2d", &sparse_masked_conv2d_no_kernel);
+}
+
+}  // namespace pyprune
