@@ -105,6 +105,42 @@ def test_sparse_and_dense_paths_agree():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_sparse_and_dense_conv_paths_agree(unbatched):
+    conv = nn.Conv2d(6, 8, 3, padding=1, dilation=2).double()
+    masked = MaskedConv2d.from_dense(conv, torch.rand(8, 6, 3, 3) < 0.15)
+    x = torch.randn(6, 9, 11, dtype=torch.float64) if unbatched else torch.randn(3, 6, 9, 11, dtype=torch.float64)
+    results = []
+    for threshold in (1.0, 0.0):  # sparse, then dense-masked
+        masked.sparse_threshold = threshold
+        masked.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = masked(xg)
+        y.square().sum().backward()
+        results.append((y, xg.grad, masked.weight.grad.clone(), masked.bias.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_automatic_conv_path_choice():
+    from pyprune_ext.nn import masked as masked_mod
+    cut = masked_mod.SPARSE_CONV_DENSITY_THRESHOLD["cpu"]
+    exact = lambda density: torch.arange(16 * 8 * 9).reshape(16, 8, 3, 3) < round(density * 16 * 8 * 9)  # noqa: E731
+    conv = MaskedConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), exact(cut - 0.05))
+    x = torch.randn(2, 8, 10, 10)
+    assert conv._use_sparse(x)
+    with torch.no_grad():
+        assert conv._use_sparse(x)
+    conv.set_mask(exact(cut + 0.05))
+    assert not conv._use_sparse(x)
+    strided = MaskedConv2d.from_dense(nn.Conv2d(8, 16, 3, stride=2), exact(0.05))
+    assert not strided._use_sparse(x)  # strided: dense-masked unless forced
+    strided.sparse_threshold = 1.0
+    assert strided._use_sparse(x)
+    half = MaskedConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1).half(), exact(0.05))
+    assert not half._use_sparse(x.half())  # float16 on the CPU: no sparse kernel
+
+
 def test_automatic_path_choice_follows_the_measured_thresholds():
     from pyprune_ext.nn import masked as masked_mod
     x = torch.randn(2, 784)
@@ -143,9 +179,9 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("sparse_linear", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_pruned_weights_stay_exactly_zero_through_training(optimizer, sparse_linear):
+def test_pruned_weights_stay_exactly_zero_through_training(optimizer, sparse):
     torch.manual_seed(0)
     model = SmallNet()
     opt = OPTIMIZERS[optimizer](model.parameters())
@@ -157,7 +193,7 @@ def test_pruned_weights_stay_exactly_zero_through_training(optimizer, sparse_lin
     masks = random_masks(model, 0.2)
     mask_model(model, masks)  # the optimizer was built on the same Parameters
     for m in masked_modules(model).values():
-        m.sparse_threshold = 1.0 if sparse_linear else 0.0
+        m.sparse_threshold = 1.0 if sparse else 0.0  # sparse linear and conv, or dense-masked
     losses = []
     for _ in range(200):
         opt.zero_grad()
@@ -173,10 +209,11 @@ def test_pruned_weights_stay_exactly_zero_through_training(optimizer, sparse_lin
     assert losses[-1] < losses[0]  # and it still trains
 
 
-def test_compile_fullgraph_masked_mlp_and_cnn():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compile_fullgraph_masked_mlp_and_cnn(sparse):
     model = mask_model(SmallNet(), random_masks(SmallNet(), 0.5))
     for m in masked_modules(model).values():
-        m.sparse_threshold = 0.0
+        m.sparse_threshold = 1.0 if sparse else 0.0
     x = torch.randn(2, 1, 8, 8)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
