@@ -11,7 +11,8 @@ Methods, for y = x @ (w * m)^T (+ its backward where timed):
   csr        torch.sparse: (w * m) as a CSR tensor built once, then sparse @ dense
              (forward only; values frozen, which flatters it)
   masked     pyprune masked_linear / masked_conv2d (dense-masked path)
-  sparse     pyprune sparse_masked_linear with the mask packed once
+  sparse     pyprune sparse_masked_linear / sparse_masked_conv2d (CPU) with the
+             mask packed once
   auto       pyprune.nn.MaskedLinear / MaskedConv2d: the path the module picks
 """
 
@@ -100,6 +101,9 @@ def conv_methods(x, w, b, mask, backward):
         "masked": lambda: pp.masked_conv2d(x, w, mask, b, padding=1),
         "auto": lambda: module(x),
     }
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        packed = pp.mask_pack(mask)
+        methods["sparse"] = lambda: pp.sparse_masked_conv2d(x, w, packed, b, padding=1)
     return methods, [w, b, module.weight, module.bias, pruned.weight_orig, pruned.bias, x]
 
 
