@@ -99,6 +99,16 @@ TORCH_LIBRARY(pyprune, m) {
       "sparse_masked_conv2d(Tensor x, Tensor weight, Tensor row_ptr, Tensor col_idx, Tensor? bias=None, "
       "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
       tags);
+  // Its backward for stride 1 (and padding <= dilation * (kernel - 1)): grad_x
+  // as a sparse transposed convolution, grad_w at the kept positions only.
+  m.def(
+      "sparse_masked_conv2d_grad_input(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups) -> Tensor",
+      tags);
+  m.def(
+      "sparse_masked_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups) -> Tensor",
+      tags);
   m.def(
       "sparse_masked_linear_grad_input(Tensor grad_y, Tensor weight, Tensor col_ptr, "
       "Tensor row_idx) -> Tensor",

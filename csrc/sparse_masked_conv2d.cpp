@@ -3,12 +3,12 @@
 // every stride, padding, dilation and groups.
 //
 // Here: argument checks, the autograd function, and a clear error on devices
-// without a kernel. The forward has a direct sparse CPU kernel
-// (csrc/cpu/sparse_masked_conv2d.cpp). The backward is the dense-masked one
-// (torch's convolution backward on the masked filter bank, its weight gradient
-// masked): a convolution's backward costs what its forward costs, so a sparse
-// forward alone takes the forward's share off a training step; sparse backward
-// kernels are future work.
+// without a kernel. The CPU kernels (csrc/cpu/sparse_masked_conv2d.cpp): a
+// direct sparse convolution forward, and for stride 1 (padding <= dilation *
+// (kernel - 1)) a sparse backward (grad_x as a sparse transposed convolution,
+// grad_w at the kept positions only). Other geometries take the dense-masked
+// backward: torch's convolution backward on the masked filter bank, its weight
+// gradient masked.
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
@@ -68,6 +68,27 @@ at::Tensor mask_from_pack(const at::Tensor& row_ptr, const at::Tensor& col_idx, 
       .view_as(weight);
 }
 
+using SparseConvGrad = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, at::IntArrayRef, at::IntArrayRef, int64_t);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_conv_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Whether the sparse backward kernels serve this call (CPU float32/float64,
+// stride 1, padding within the dilated kernel's reach).
+bool sparse_backward_applies(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  if (!weight.device().is_cpu() || (weight.scalar_type() != at::kFloat && weight.scalar_type() != at::kDouble)) {
+    return false;
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (stride[i] != 1 || padding[i] > dilation[i] * (weight.size(2 + i) - 1)) return false;
+  }
+  return true;
+}
+
 using SparseConvForward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
                                      at::IntArrayRef, int64_t);
@@ -96,15 +117,31 @@ class SparseMaskedConv2d : public torch::autograd::Function<SparseMaskedConv2d> 
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &row_ptr = saved[2], &col_idx = saved[3];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const at::Tensor mask = mask_from_pack(row_ptr, col_idx, weight);
-    const std::vector<int64_t> bias_sizes{weight.size(0)};
-    auto [grad_x, grad_w, grad_b] = at::convolution_backward(
-        grads[0], x, call_apply_mask(weight, mask),
-        has_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), ctx->saved_data["stride"].toIntVector(),
-        ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false,
-        /*output_padding=*/{0, 0}, ctx->saved_data["groups"].toInt(),
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(4)});
-    if (grad_w.defined()) grad_w = call_apply_mask(grad_w, mask);  // pruned weights: exactly 0
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector(),
+                               padding = ctx->saved_data["padding"].toIntVector(),
+                               dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    at::Tensor grad_x, grad_w, grad_b;
+    if (sparse_backward_applies(weight, stride, padding, dilation)) {
+      static const auto grad_input_op = find_conv_op<SparseConvGrad>("pyprune::sparse_masked_conv2d_grad_input");
+      static const auto grad_weight_op = find_conv_op<SparseConvGrad>("pyprune::sparse_masked_conv2d_grad_weight");
+      if (ctx->needs_input_grad(0)) {
+        grad_x = grad_input_op.call(grads[0], x, weight, row_ptr, col_idx, padding, dilation, groups);
+      }
+      if (ctx->needs_input_grad(1)) {
+        grad_w = grad_weight_op.call(grads[0], x, weight, row_ptr, col_idx, padding, dilation, groups);
+      }
+      if (has_bias && ctx->needs_input_grad(4)) grad_b = grads[0].sum({0, 2, 3});
+    } else {
+      const at::Tensor mask = mask_from_pack(row_ptr, col_idx, weight);
+      const std::vector<int64_t> bias_sizes{weight.size(0)};
+      std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(
+          grads[0], x, call_apply_mask(weight, mask),
+          has_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride, padding, dilation,
+          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+          {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(4)});
+      if (grad_w.defined()) grad_w = call_apply_mask(grad_w, mask);  // pruned weights: exactly 0
+    }
     return {grad_x, grad_w, at::Tensor(), at::Tensor(), grad_b, at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
@@ -124,6 +161,13 @@ at::Tensor sparse_masked_conv2d_no_kernel(const at::Tensor& x, const at::Tensor&
               " tensors yet (CPU only); use masked_conv2d");
 }
 
+at::Tensor sparse_conv2d_grad_no_kernel(const at::Tensor& grad_y, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                        int64_t) {
+  TORCH_CHECK(false, "sparse_masked_conv2d's backward: no kernel for ", grad_y.device().type(),
+              " tensors yet (CPU only)");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
@@ -132,6 +176,8 @@ TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
   m.impl("sparse_masked_conv2d", &sparse_masked_conv2d_no_kernel);
+  m.impl("sparse_masked_conv2d_grad_input", &sparse_conv2d_grad_no_kernel);
+  m.impl("sparse_masked_conv2d_grad_weight", &sparse_conv2d_grad_no_kernel);
 }
 
 }  // namespace pyprune

@@ -48,18 +48,60 @@ def test_sparse_conv2d_matches_reference(geometry, density):
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_sparse_conv2d_gradients_match_masked_conv2d_and_gradcheck():
-    x, w, b, mask, args = make_conv(GEOMETRIES[1], 0.5, torch.float64, seed=7)
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
+def test_sparse_conv2d_gradients_match_masked_conv2d(geometry):
+    # Stride 1 (geometries 0, 2, 3, 5, 6) takes the sparse backward kernels,
+    # strided ones the dense-masked backward.
+    x, w, b, mask, args = make_conv(GEOMETRIES[geometry], 0.3, torch.float64, seed=geometry)
     packed = pp.mask_pack(mask)
     inputs = [t.clone().requires_grad_() for t in (x, w, b)]
-    fn = lambda x, w, b: pp.sparse_masked_conv2d(x, w, packed, b, **args)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
-    fn(*inputs).pow(2).sum().backward()
+    pp.sparse_masked_conv2d(*inputs[:2], packed, inputs[2], **args).pow(2).sum().backward()
     ref = [t.clone().requires_grad_() for t in (x, w, b)]
-    pp.masked_conv2d(ref[0], ref[1], mask, ref[2], **args).pow(2).sum().backward()
+    F.conv2d(ref[0], ref[1] * mask, ref[2], **args).pow(2).sum().backward()
     for got, want in zip(inputs, ref):
-        torch.testing.assert_close(got.grad, want.grad)
-    assert (inputs[1].grad[~mask] == 0).all() and (inputs[1].grad[mask] != 0).any()
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10)
+    assert (inputs[1].grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("geometry", [0, 1, 2])
+def test_sparse_conv2d_gradcheck(geometry):
+    x, w, b, mask, args = make_conv(GEOMETRIES[geometry], 0.5, torch.float64, seed=7)
+    packed = pp.mask_pack(mask)
+    inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(lambda x, w, b: pp.sparse_masked_conv2d(x, w, packed, b, **args), inputs)
+
+
+def test_sparse_conv2d_gradient_ops_match_reference():
+    for geometry in (0, 2, 3, 5, 6):  # stride 1
+        x, w, _, mask, args = make_conv(GEOMETRIES[geometry], 0.3, torch.float32, seed=geometry)
+        packed = pp.mask_pack(mask)
+        y_shape = F.conv2d(x, w, **args).shape
+        gy = torch.randn(y_shape)
+        op_args = (x, w, packed.row_ptr, packed.col_idx, list(args["padding"]) if not isinstance(args["padding"], int)
+                   else [args["padding"]] * 2,
+                   list(args["dilation"]) if not isinstance(args["dilation"], int) else [args["dilation"]] * 2,
+                   args["groups"])
+        gx = torch.ops.pyprune.sparse_masked_conv2d_grad_input(gy, *op_args)
+        gw = torch.ops.pyprune.sparse_masked_conv2d_grad_weight(gy, *op_args)
+        xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+        F.conv2d(xd, wd * mask, **args).backward(gy.double())
+        torch.testing.assert_close(gx.double(), xd.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gw.double(), wd.grad, rtol=1e-4, atol=1e-4)
+        assert (gw[~mask] == 0).all()
+        for op in (torch.ops.pyprune.sparse_masked_conv2d_grad_input.default,
+                   torch.ops.pyprune.sparse_masked_conv2d_grad_weight.default):
+            torch.library.opcheck(op, (gy, *op_args))
+
+
+def test_sparse_conv2d_gradient_ops_refuse_other_geometries():
+    x, w, _, mask, args = make_conv(GEOMETRIES[0], 0.3, torch.float32)
+    packed = pp.mask_pack(mask)
+    gy = torch.randn(2, 4, 7, 9)
+    with pytest.raises(RuntimeError, match="needs stride 1 and padding <= dilation"):
+        torch.ops.pyprune.sparse_masked_conv2d_grad_input(gy, x, w, packed.row_ptr, packed.col_idx, [3, 3], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="grad_y must be \\[2, 4, 7, 9\\]"):
+        torch.ops.pyprune.sparse_masked_conv2d_grad_weight(gy[:, :3], x, w, packed.row_ptr, packed.col_idx,
+                                                           [1, 1], [1, 1], 1)
 
 
 def test_opcheck_and_compile_sparse_conv2d():
@@ -81,17 +123,25 @@ def test_opcheck_and_compile_sparse_conv2d():
 def test_sparse_conv2d_is_deterministic_across_threads():
     x, w, b, mask, args = make_conv((4, 16, 12, 20, 24, 3, 1, 1, 1, 1), 0.2, torch.float32, seed=3)
     packed = pp.mask_pack(mask)
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (x, w)]
+        y = pp.sparse_masked_conv2d(inputs[0], inputs[1], packed, b, **args)
+        y.backward(torch.ones_like(y))
+        return y.detach(), inputs[0].grad, inputs[1].grad
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = pp.sparse_masked_conv2d(x, w, packed, b, **args)
+        one = run()
         torch.set_num_threads(3)
-        three = pp.sparse_masked_conv2d(x, w, packed, b, **args)
+        three = run()
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, three)
+    for a, b_ in zip(one, three):
+        assert torch.equal(a, b_)
     # and a sample's output does not depend on the rest of its batch
-    assert torch.equal(pp.sparse_masked_conv2d(x[1:2], w, packed, b, **args), one[1:2])
+    assert torch.equal(pp.sparse_masked_conv2d(x[1:2], w, packed, b, **args), one[0][1:2])
 
 
 def test_sparse_conv2d_bad_input():

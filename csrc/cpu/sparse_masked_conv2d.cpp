@@ -128,16 +128,6 @@ PYPRUNE_CONV_LOOPS(float)
 PYPRUNE_CONV_LOOPS(double)
 #undef PYPRUNE_CONV_LOOPS
 
-struct ConvGeometry {
-  int64_t N, C, O, K, kh, kw, groups;
-  int64_t Hp, Wp, OH, OW;  // padded input, output
-  int64_t sh, sw, dh, dw;
-};
-
-// Per kept weight (CSR entry p of output channel o): its value and the offset
-// of its input element for output (0, 0) in the padded image. Returns false at
-// the first channel whose ptr entries are out of order or whose indices are
-// outside [0, K).
 // One image zero-padded into a per-thread buffer (instead of padding the
 // whole batch at once: a fresh batch-size buffer cost more page faults than the
 // convolution at low density, and this one stays in L2 while the task's
@@ -163,11 +153,85 @@ struct PaddedImage {
   }
 };
 
-template <typename scalar_t>
-bool entry_offsets(std::vector<int64_t>& off, std::vector<scalar_t>& vals, const ConvGeometry& g,
-                   const int64_t* ptr, const int64_t* idx, int64_t nnz, const scalar_t* w) {
-  off.resize(nnz);
-  vals.resize(nnz);
+// The gradients of E kept weights with the same tap from one image, stride 1:
+// sums[e] += the sum over the output positions whose input is inside the image
+// (no padding copy) of gy_plane[oy, ox] * x_planes[e][oy + ry, ox + rx], where
+// (ry, rx) = the tap offset minus the padding. Each grad_y vector is loaded
+// once for the E weights (a dot product per weight needs two loads per
+// multiply-add). Each weight's sum runs in the same order whatever E: two
+// vector accumulators (even / odd vectors of a row), then a scalar tail.
+template <typename scalar_t, int E>
+C10_ALWAYS_INLINE void tap_dots_body(scalar_t* sums, const scalar_t* gy_plane, const scalar_t* const* x_planes,
+                                     int64_t OH, int64_t OW, int64_t H, int64_t W, int64_t ry, int64_t rx) {
+  using vec = typename Vec32<scalar_t>::type;
+  constexpr int64_t lanes = 32 / sizeof(scalar_t);
+  const int64_t oy0 = std::max<int64_t>(0, -ry), oy1 = std::min<int64_t>(OH, H - ry);
+  const int64_t ox0 = std::max<int64_t>(0, -rx), ox1 = std::min<int64_t>(OW, W - rx);
+  const int64_t len = ox1 - ox0;
+  vec acc[E][2] = {};
+  scalar_t tail[E] = {};
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const scalar_t* g = gy_plane + oy * OW + ox0;
+    const int64_t x_offset = (oy + ry) * W + ox0 + rx;
+    int64_t i = 0;
+    for (; i + lanes <= len; i += lanes) {
+      vec gv;
+      std::memcpy(&gv, g + i, sizeof(vec));
+      const int parity = (i / lanes) & 1;
+      for (int e = 0; e < E; ++e) {
+        vec xv;
+        std::memcpy(&xv, x_planes[e] + x_offset + i, sizeof(vec));
+        acc[e][parity] += gv * xv;
+      }
+    }
+    for (; i < len; ++i) {
+      for (int e = 0; e < E; ++e) tail[e] += g[i] * x_planes[e][x_offset + i];
+    }
+  }
+  for (int e = 0; e < E; ++e) {
+    const vec both = acc[e][0] + acc[e][1];
+    scalar_t total = tail[e];
+    for (int64_t k = 0; k < lanes; ++k) total += both[k];
+    sums[e] += total;
+  }
+}
+
+#define PYPRUNE_CONV_DOTS(T)                                                                           \
+  PYPRUNE_CPU_CLONES void tap_dots(T* sums, int E, const T* gy_plane, const T* const* x_planes,          \
+                                   int64_t OH, int64_t OW, int64_t H, int64_t W, int64_t ry, int64_t rx) { \
+    if (E == 4) return tap_dots_body<T, 4>(sums, gy_plane, x_planes, OH, OW, H, W, ry, rx);            \
+    if (E == 3) return tap_dots_body<T, 3>(sums, gy_plane, x_planes, OH, OW, H, W, ry, rx);            \
+    if (E == 2) return tap_dots_body<T, 2>(sums, gy_plane, x_planes, OH, OW, H, W, ry, rx);            \
+    tap_dots_body<T, 1>(sums, gy_plane, x_planes, OH, OW, H, W, ry, rx);                               \
+  }
+PYPRUNE_CONV_DOTS(float)
+PYPRUNE_CONV_DOTS(double)
+#undef PYPRUNE_CONV_DOTS
+
+// The layer: x [N, C, H, W] -> y [N, O, OH, OW], weight [O, C/groups, kh, kw]
+// packed as CSR over [O, K = C/groups * kh * kw].
+struct ConvGeometry {
+  int64_t N, C, H, W, O, K, kh, kw, groups;
+  int64_t ph, pw, sh, sw, dh, dw;
+  int64_t OH, OW;
+
+  ConvGeometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation, int64_t groups_)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), O(weight.size(0)),
+        K(weight.numel() / std::max<int64_t>(weight.size(0), 1)), kh(weight.size(2)), kw(weight.size(3)),
+        groups(groups_), ph(padding[0]), pw(padding[1]), sh(stride[0]), sw(stride[1]), dh(dilation[0]),
+        dw(dilation[1]) {
+    OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  }
+};
+
+// Calls visit(o, p, c, ty, tx) for every kept weight (CSR entry p of output
+// channel o: input channel c, tap (ty, tx)), channels in order. Returns false
+// at the first channel whose ptr entries are out of order or whose indices are
+// outside [0, K).
+template <typename Visit>
+bool for_each_kept(const ConvGeometry& g, const int64_t* ptr, const int64_t* idx, int64_t nnz, const Visit& visit) {
   const int64_t per_group = g.O / g.groups, c_per_group = g.C / g.groups;
   for (int64_t o = 0; o < g.O; ++o) {
     const int64_t p0 = ptr[o], p1 = ptr[o + 1];
@@ -176,12 +240,57 @@ bool entry_offsets(std::vector<int64_t>& off, std::vector<scalar_t>& vals, const
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t k = idx[p];
       if (k < 0 || k >= g.K) return false;
-      const int64_t c = c_base + k / (g.kh * g.kw), y = (k / g.kw) % g.kh, x = k % g.kw;
-      off[p] = (c * g.Hp + y * g.dh) * g.Wp + x * g.dw;
-      vals[p] = w[o * g.K + k];
+      visit(o, p, c_base + k / (g.kh * g.kw), (k / g.kw) % g.kh, k % g.kw);
     }
   }
   return true;
+}
+
+// The kept weights of a direct convolution by output channel: channel j's are
+// entries [ptr[j], ptr[j + 1]), each a value and the offset of its input
+// element for output (0, 0) in the padded input image.
+template <typename scalar_t>
+struct Entries {
+  std::vector<int64_t> ptr, off;
+  std::vector<scalar_t> vals;
+};
+
+// A direct convolution: in [N, Cin, H, W], zero-padded by (ph, pw) on the fly
+// (PaddedImage), -> out [N, Cout, OH, OW] with strides (sh, sw).
+struct DirectConv {
+  int64_t N, Cin, H, W, ph, pw, Cout, OH, OW, sh, sw;
+};
+
+// Tasks are (image, output channel) pairs in that order, so a thread works
+// through the output channels of one image while its padded input stays in
+// L2. Every output value is summed by one task in entry order: the same bits
+// whatever the thread count.
+template <typename scalar_t>
+void direct_conv(scalar_t* out, const scalar_t* in, const DirectConv& d, const Entries<scalar_t>& e,
+                 const scalar_t* bias) {
+  const int64_t Wp = d.W + 2 * d.pw;
+  // One (image, channel) task is OH * OW * nnz / Cout multiply-adds: group a few.
+  const int64_t per_channel = static_cast<int64_t>(e.vals.size()) / std::max<int64_t>(d.Cout, 1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d.OH * d.OW * per_channel));
+  at::parallel_for(0, d.N * d.Cout, grain, [&](int64_t begin, int64_t end) {
+    PaddedImage<scalar_t> padded;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / d.Cout, j = task % d.Cout;
+      const scalar_t* image = padded.fill(in, n, d.Cin, d.H, d.W, d.ph, d.pw);
+      conv_channel(out + task * d.OH * d.OW, d.OH, d.OW, d.sh, d.sw, Wp, bias ? bias[j] : scalar_t(0), image,
+                   e.off.data() + e.ptr[j], e.vals.data() + e.ptr[j], e.ptr[j + 1] - e.ptr[j]);
+    }
+  });
+}
+
+void check_cpu_sparse_conv_dtype(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+              ": the CPU sparse path supports float32 and float64, got ", weight.scalar_type());
+}
+
+void check_kept_ok(const char* op, bool ok, int64_t K) {
+  TORCH_CHECK(ok, op, ": the packed mask has entries outside their range: row_ptr must be non-decreasing and "
+              "every col_idx entry in [0, ", K, ") (was it built by mask_pack(mask.view(out, -1)) for this layer?)");
 }
 
 at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_ptr,
@@ -190,59 +299,180 @@ at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
                                     int64_t groups) {
   const char* op = "sparse_masked_conv2d";
   check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
-              ": the CPU sparse path supports float32 and float64, got ", weight.scalar_type());
-  const at::Tensor w2d = weight.reshape({weight.size(0), -1});
-  check_packed_ends(op, w2d, row_ptr, col_idx, /*rows_first=*/true);
-
-  ConvGeometry g{};
-  g.N = x.size(0), g.C = x.size(1), g.O = weight.size(0), g.K = w2d.size(1);
-  g.kh = weight.size(2), g.kw = weight.size(3), g.groups = groups;
-  g.sh = stride[0], g.sw = stride[1], g.dh = dilation[0], g.dw = dilation[1];
-  g.Hp = x.size(2) + 2 * padding[0], g.Wp = x.size(3) + 2 * padding[1];
-  g.OH = (g.Hp - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  g.OW = (g.Wp - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-
-  const at::Tensor xc = x.contiguous();
+  check_cpu_sparse_conv_dtype(op, weight);
+  check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
+  const ConvGeometry g(x, weight, stride, padding, dilation, groups);
   at::Tensor y = at::empty({g.N, g.O, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
+  const at::Tensor xc = x.contiguous(), w = weight.contiguous();
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  bool in_range = true;
+  bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_conv2d_cpu", [&] {
-    std::vector<int64_t> off;
-    std::vector<scalar_t> vals;
-    in_range = entry_offsets(off, vals, g, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(),
-                             idx.numel(), w2d.contiguous().const_data_ptr<scalar_t>());
-    if (!in_range) return;
+    const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+    const scalar_t* wd = w.const_data_ptr<scalar_t>();
+    Entries<scalar_t> e;
+    e.ptr.assign(ptr.const_data_ptr<int64_t>(), ptr.const_data_ptr<int64_t>() + g.O + 1);
+    e.off.resize(idx.numel());
+    e.vals.resize(idx.numel());
+    ok = for_each_kept(g, e.ptr.data(), idx.const_data_ptr<int64_t>(), idx.numel(),
+                       [&](int64_t o, int64_t p, int64_t c, int64_t ty, int64_t tx) {
+                         e.off[p] = (c * Hp + ty * g.dh) * Wp + tx * g.dw;
+                         e.vals[p] = wd[o * g.K + idx.const_data_ptr<int64_t>()[p]];
+                       });
+    if (!ok) return;
+    direct_conv(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                DirectConv{g.N, g.C, g.H, g.W, g.ph, g.pw, g.O, g.OH, g.OW, g.sh, g.sw}, e,
+                b.defined() ? b.const_data_ptr<scalar_t>() : nullptr);
+  });
+  check_kept_ok(op, ok, g.K);
+  return y;
+}
+
+// The sparse backward needs stride 1 and padding <= dilation * (kernel - 1)
+// (then grad_x is a stride-1 convolution of grad_y padded by the difference).
+void check_sparse_backward_geometry(const char* op, const ConvGeometry& g) {
+  TORCH_CHECK(g.sh == 1 && g.sw == 1 && g.ph <= g.dh * (g.kh - 1) && g.pw <= g.dw * (g.kw - 1), op,
+              ": needs stride 1 and padding <= dilation * (kernel - 1) (the autograd formula uses the dense "
+              "backward otherwise)");
+}
+
+// grad_x = the transposed convolution: a direct convolution of grad_y padded by
+// dilation * (kernel - 1) - padding, whose output channels are the layer's
+// input channels, each with the kept weights that read it, taps mirrored.
+at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparse_masked_conv2d_grad_input";
+  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
+  check_cpu_sparse_conv_dtype(op, weight);
+  check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
+  const ConvGeometry g(x, weight, {1, 1}, padding, dilation, groups);
+  check_sparse_backward_geometry(op, g);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}) && grad_y.scalar_type() == x.scalar_type(),
+              op, ": grad_y must be [", g.N, ", ", g.O, ", ", g.OH, ", ", g.OW, "] of x's dtype, got ", grad_y.sizes());
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (gx.numel() == 0) return gx;
+  const at::Tensor gy = grad_y.contiguous(), w = weight.contiguous();
+  const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_conv2d_grad_input_cpu", [&] {
+    const int64_t qh = g.dh * (g.kh - 1) - g.ph, qw = g.dw * (g.kw - 1) - g.pw;  // grad_y's padding
+    const int64_t Hq = g.OH + 2 * qh, Wq = g.OW + 2 * qw;
+    const scalar_t* wd = w.const_data_ptr<scalar_t>();
     const int64_t* p = ptr.const_data_ptr<int64_t>();
-    const scalar_t* bias_data = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x_data = xc.const_data_ptr<scalar_t>();
-    scalar_t* y_data = y.data_ptr<scalar_t>();
-    // One (image, channel) task is OH * OW * nnz / O multiply-adds: group a few.
-    const int64_t work_per_task = std::max<int64_t>(1, g.OH * g.OW * (idx.numel() / std::max<int64_t>(g.O, 1)));
-    const int64_t grain = std::max<int64_t>(1, 16384 / work_per_task);
-    at::parallel_for(0, g.N * g.O, grain, [&](int64_t begin, int64_t end) {
-      PaddedImage<scalar_t> padded;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / g.O, o = task % g.O;
-        const scalar_t* image = padded.fill(x_data, n, g.C, x.size(2), x.size(3), padding[0], padding[1]);
-        conv_channel(y_data + task * g.OH * g.OW, g.OH, g.OW, g.sh, g.sw, g.Wp,
-                     bias_data ? bias_data[o] : scalar_t(0), image, off.data() + p[o], vals.data() + p[o],
-                     p[o + 1] - p[o]);
+    const int64_t* ix = idx.const_data_ptr<int64_t>();
+    // Counting sort of the kept weights by input channel (output channels in
+    // ascending order within each): a fixed order, hence fixed sums.
+    Entries<scalar_t> e;
+    e.ptr.assign(g.C + 1, 0);
+    ok = for_each_kept(g, p, ix, idx.numel(), [&](int64_t, int64_t, int64_t c, int64_t, int64_t) { ++e.ptr[c + 1]; });
+    if (!ok) return;
+    for (int64_t c = 0; c < g.C; ++c) e.ptr[c + 1] += e.ptr[c];
+    e.off.resize(idx.numel());
+    e.vals.resize(idx.numel());
+    std::vector<int64_t> cursor(e.ptr.begin(), e.ptr.end() - 1);
+    for_each_kept(g, p, ix, idx.numel(), [&](int64_t o, int64_t q, int64_t c, int64_t ty, int64_t tx) {
+      const int64_t at = cursor[c]++;
+      e.off[at] = (o * Hq + g.dh * (g.kh - 1 - ty)) * Wq + g.dw * (g.kw - 1 - tx);
+      e.vals[at] = wd[o * g.K + ix[q]];
+    });
+    direct_conv(gx.data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(),
+                DirectConv{g.N, g.O, g.OH, g.OW, qh, qw, g.C, g.H, g.W, 1, 1}, e,
+                static_cast<const scalar_t*>(nullptr));
+  });
+  check_kept_ok(op, ok, g.K);
+  return gx;
+}
+
+// Up to 4 kept weights of one output channel with the same tap, as CSR entry
+// numbers; they share tap_dots' grad_y loads.
+struct TapGroup {
+  int64_t count, ry, rx;
+  int64_t entry[4];
+};
+
+// grad_w at the kept positions (exactly 0 elsewhere): for each kept weight,
+// the sum over images of its tap_dots term (stride 1). The kept weights of an
+// output channel are grouped by tap, up to 4 at a time. Each thread takes a
+// block of output channels and walks the images in order, so an image's input
+// and its gradient planes are read while in cache; every weight's sum runs
+// over the images in order whatever the blocks and groups.
+at::Tensor sparse_conv2d_grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparse_masked_conv2d_grad_weight";
+  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
+  check_cpu_sparse_conv_dtype(op, weight);
+  check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
+  const ConvGeometry g(x, weight, {1, 1}, padding, dilation, groups);
+  check_sparse_backward_geometry(op, g);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}) && grad_y.scalar_type() == x.scalar_type(),
+              op, ": grad_y must be [", g.N, ", ", g.O, ", ", g.OH, ", ", g.OW, "] of x's dtype, got ", grad_y.sizes());
+  at::Tensor gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  const at::Tensor gy = grad_y.contiguous(), xc = x.contiguous();
+  const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
+  // Per entry: its input channel and tap; then per output channel, its entries
+  // grouped by tap (taps in order, entries in order within a tap).
+  std::vector<int64_t> plane(idx.numel()), tap(idx.numel());
+  const int64_t* p = ptr.const_data_ptr<int64_t>();
+  const int64_t* ix = idx.const_data_ptr<int64_t>();
+  const bool ok = for_each_kept(g, p, ix, idx.numel(), [&](int64_t, int64_t q, int64_t c, int64_t ty, int64_t tx) {
+    plane[q] = c;
+    tap[q] = ty * g.kw + tx;
+  });
+  check_kept_ok(op, ok, g.K);
+  std::vector<TapGroup> tap_groups;
+  std::vector<int64_t> group_ptr(g.O + 1, 0);
+  std::vector<std::vector<int64_t>> by_tap(g.kh * g.kw);
+  for (int64_t o = 0; o < g.O; ++o) {
+    for (auto& bucket : by_tap) bucket.clear();
+    for (int64_t q = p[o]; q < p[o + 1]; ++q) by_tap[tap[q]].push_back(q);
+    for (int64_t t = 0; t < g.kh * g.kw; ++t) {
+      for (size_t i = 0; i < by_tap[t].size(); i += 4) {
+        TapGroup group{std::min<int64_t>(4, by_tap[t].size() - i), (t / g.kw) * g.dh - g.ph, (t % g.kw) * g.dw - g.pw, {}};
+        for (int64_t e = 0; e < group.count; ++e) group.entry[e] = by_tap[t][i + e];
+        tap_groups.push_back(group);
+      }
+    }
+    group_ptr[o + 1] = tap_groups.size();
+  }
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_conv2d_grad_weight_cpu", [&] {
+    const scalar_t* gyd = gy.const_data_ptr<scalar_t>();
+    const scalar_t* xd = xc.const_data_ptr<scalar_t>();
+    scalar_t* gwd = gw.data_ptr<scalar_t>();
+    at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
+      std::vector<scalar_t> sums(4 * (group_ptr[o1] - group_ptr[o0]), scalar_t(0));
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t o = o0; o < o1; ++o) {
+          const scalar_t* gy_plane = gyd + (n * g.O + o) * g.OH * g.OW;
+          for (int64_t k = group_ptr[o]; k < group_ptr[o + 1]; ++k) {
+            const TapGroup& group = tap_groups[k];
+            const scalar_t* x_planes[4];
+            for (int64_t e = 0; e < group.count; ++e) x_planes[e] = xd + (n * g.C + plane[group.entry[e]]) * g.H * g.W;
+            tap_dots(sums.data() + 4 * (k - group_ptr[o0]), group.count, gy_plane, x_planes, g.OH, g.OW, g.H, g.W,
+                     group.ry, group.rx);
+          }
+        }
+      }
+      for (int64_t o = o0; o < o1; ++o) {
+        for (int64_t k = group_ptr[o]; k < group_ptr[o + 1]; ++k) {
+          for (int64_t e = 0; e < tap_groups[k].count; ++e) {
+            gwd[o * g.K + ix[tap_groups[k].entry[e]]] = sums[4 * (k - group_ptr[o0]) + e];
+          }
+        }
       }
     });
   });
-  TORCH_CHECK(in_range, op, ": the packed mask has entries outside their range: row_ptr must be non-decreasing "
-              "and every col_idx entry in [0, ", g.K, ") (was it built by mask_pack(mask.view(out, -1)) for "
-              "this layer?)");
-  return y;
+  return gw;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
   m.impl("sparse_masked_conv2d", &sparse_masked_conv2d_cpu);
+  m.impl("sparse_masked_conv2d_grad_input", &sparse_conv2d_grad_input_cpu);
+  m.impl("sparse_masked_conv2d_grad_weight", &sparse_conv2d_grad_weight_cpu);
 }
 
 }  // namespace pyprune

@@ -198,6 +198,24 @@ def _sparse_masked_conv2d_fake(x, weight, row_ptr, col_idx, bias=None, stride=(1
     return x.new_empty((x.shape[0], out, *size))
 
 
+def _sparse_conv2d_grad_fake(op, grad_y, x, weight, row_ptr, col_idx):
+    torch._check(weight.dim() == 4 and x.dim() == 4 and grad_y.dim() == 4,
+                 lambda: f"{op}: grad_y, x and weight must be 4-d")
+    _check_packed_fake(op, weight.reshape(weight.shape[0], -1), row_ptr, col_idx, weight.shape[0] + 1, "row_ptr")
+
+
+@torch.library.register_fake("pyprune::sparse_masked_conv2d_grad_input")
+def _sparse_conv2d_grad_input_fake(grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups):
+    _sparse_conv2d_grad_fake("sparse_masked_conv2d_grad_input", grad_y, x, weight, row_ptr, col_idx)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pyprune::sparse_masked_conv2d_grad_weight")
+def _sparse_conv2d_grad_weight_fake(grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups):
+    _sparse_conv2d_grad_fake("sparse_masked_conv2d_grad_weight", grad_y, x, weight, row_ptr, col_idx)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("pyprune::sparse_masked_linear_grad_input")
 def _grad_input_fake(grad_y, weight, col_ptr, row_idx):
     _check_packed_fake("sparse_masked_linear_grad_input", weight, col_ptr, row_idx, weight.shape[1] + 1, "col_ptr")
