@@ -337,13 +337,10 @@ void check_sparse_backward_geometry(const char* op, const ConvGeometry& g) {
               "backward otherwise)");
 }
 
-// grad_x = the transposed convolution: a direct convolution of grad_y padded by
-// dilation * (kernel - 1) - padding, whose output channels are the layer's
-// input channels, each with the kept weights that read it, taps mirrored.
-at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "sparse_masked_conv2d_grad_input";
+// The arguments of both gradient ops, checked; the layer's geometry.
+ConvGeometry checked_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
   check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
   check_cpu_sparse_conv_dtype(op, weight);
   check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
@@ -351,6 +348,17 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tens
   check_sparse_backward_geometry(op, g);
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}) && grad_y.scalar_type() == x.scalar_type(),
               op, ": grad_y must be [", g.N, ", ", g.O, ", ", g.OH, ", ", g.OW, "] of x's dtype, got ", grad_y.sizes());
+  return g;
+}
+
+// grad_x = the transposed convolution: a direct convolution of grad_y padded by
+// dilation * (kernel - 1) - padding, whose output channels are the layer's
+// input channels, each with the kept weights that read it, taps mirrored.
+at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparse_masked_conv2d_grad_input";
+  const ConvGeometry g = checked_backward(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (gx.numel() == 0) return gx;
   const at::Tensor gy = grad_y.contiguous(), w = weight.contiguous();
@@ -402,13 +410,7 @@ at::Tensor sparse_conv2d_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparse_masked_conv2d_grad_weight";
-  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
-  check_cpu_sparse_conv_dtype(op, weight);
-  check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
-  const ConvGeometry g(x, weight, {1, 1}, padding, dilation, groups);
-  check_sparse_backward_geometry(op, g);
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}) && grad_y.scalar_type() == x.scalar_type(),
-              op, ": grad_y must be [", g.N, ", ", g.O, ", ", g.OH, ", ", g.OW, "] of x's dtype, got ", grad_y.sizes());
+  const ConvGeometry g = checked_backward(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
   at::Tensor gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   const at::Tensor gy = grad_y.contiguous(), xc = x.contiguous();
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
