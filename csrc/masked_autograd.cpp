@@ -40,11 +40,6 @@ using SparseGradInput = at::Tensor(const at::Tensor&, const at::Tensor&, const a
 using SparseGradWeight = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&);
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // Inputs: x, weight, row_ptr, col_idx, col_ptr, row_idx, bias (the packed mask
 // in the middle gets no gradient).
 class SparseMaskedLinear : public torch::autograd::Function<SparseMaskedLinear> {

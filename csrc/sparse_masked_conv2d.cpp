@@ -71,11 +71,6 @@ at::Tensor mask_from_pack(const at::Tensor& row_ptr, const at::Tensor& col_idx, 
 using SparseConvGrad = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const at::Tensor&, at::IntArrayRef, at::IntArrayRef, int64_t);
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_conv_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // Whether the sparse backward kernels serve this call (CPU float32/float64,
 // stride 1, padding within the dilated kernel's reach).
 bool sparse_backward_applies(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -106,9 +101,7 @@ class SparseMaskedConv2d : public torch::autograd::Function<SparseMaskedConv2d> 
     ctx->saved_data["groups"] = groups;
     ctx->save_for_backward({x, weight, row_ptr, col_idx});
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("pyprune::sparse_masked_conv2d", "")
-                               .typed<SparseConvForward>();
+    static const auto op = find_op<SparseConvForward>("pyprune::sparse_masked_conv2d");
     return op.call(x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
   }
 
@@ -123,8 +116,8 @@ class SparseMaskedConv2d : public torch::autograd::Function<SparseMaskedConv2d> 
     const int64_t groups = ctx->saved_data["groups"].toInt();
     at::Tensor grad_x, grad_w, grad_b;
     if (sparse_backward_applies(weight, stride, padding, dilation)) {
-      static const auto grad_input_op = find_conv_op<SparseConvGrad>("pyprune::sparse_masked_conv2d_grad_input");
-      static const auto grad_weight_op = find_conv_op<SparseConvGrad>("pyprune::sparse_masked_conv2d_grad_weight");
+      static const auto grad_input_op = find_op<SparseConvGrad>("pyprune::sparse_masked_conv2d_grad_input");
+      static const auto grad_weight_op = find_op<SparseConvGrad>("pyprune::sparse_masked_conv2d_grad_weight");
       if (ctx->needs_input_grad(0)) {
         grad_x = grad_input_op.call(grads[0], x, weight, row_ptr, col_idx, padding, dilation, groups);
       }

@@ -1,10 +1,12 @@
-// CPU kernel of sparse_masked_conv2d's forward: a direct sparse convolution.
-// Only the kept weights are read and multiplied: O(nnz * N * OH * OW) work
-// instead of O(out * in/groups * kh * kw * N * OH * OW).
+// CPU kernels of sparse_masked_conv2d: a direct sparse convolution forward and,
+// for stride 1, its backward (grad_x as the same direct convolution over
+// grad_y, grad_w at the kept positions only). Only the kept weights are read
+// and multiplied: O(nnz * N * OH * OW) work instead of
+// O(out * in/groups * kh * kw * N * OH * OW).
 //
 // Each kept weight (o, c, kh, kw) adds weight * a shifted input row to every
-// output row of channel o. With the input zero-padded once (so no border
-// tests in the inner loop), an output row is computed in segments of up to 32
+// output row of channel o. With each image zero-padded into a per-thread
+// buffer (so no border tests in the inner loop), an output row is computed in segments of up to 32
 // floats (16 doubles) whose sums stay in registers across all kept weights of
 // the channel: one vector load and one FMA per kept weight and vector, no
 // store until the segment is done. No im2col buffer: for a 3x3 convolution it
@@ -311,15 +313,15 @@ at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_conv2d_cpu", [&] {
     const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
     const scalar_t* wd = w.const_data_ptr<scalar_t>();
+    const int64_t* ix = idx.const_data_ptr<int64_t>();
     Entries<scalar_t> e;
     e.ptr.assign(ptr.const_data_ptr<int64_t>(), ptr.const_data_ptr<int64_t>() + g.O + 1);
     e.off.resize(idx.numel());
     e.vals.resize(idx.numel());
-    ok = for_each_kept(g, e.ptr.data(), idx.const_data_ptr<int64_t>(), idx.numel(),
-                       [&](int64_t o, int64_t p, int64_t c, int64_t ty, int64_t tx) {
-                         e.off[p] = (c * Hp + ty * g.dh) * Wp + tx * g.dw;
-                         e.vals[p] = wd[o * g.K + idx.const_data_ptr<int64_t>()[p]];
-                       });
+    ok = for_each_kept(g, e.ptr.data(), ix, idx.numel(), [&](int64_t o, int64_t p, int64_t c, int64_t ty, int64_t tx) {
+      e.off[p] = (c * Hp + ty * g.dh) * Wp + tx * g.dw;
+      e.vals[p] = wd[o * g.K + ix[p]];
+    });
     if (!ok) return;
     direct_conv(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
                 DirectConv{g.N, g.C, g.H, g.W, g.ph, g.pw, g.O, g.OH, g.OW, g.sh, g.sw}, e,

@@ -46,9 +46,10 @@ SPARSE_DENSITY_THRESHOLD = {"cpu": 0.3, "cuda": 0.0}
 SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.4, "cuda": 0.0}
 
 # The same for MaskedConv2d (stride 1 only: the sparse convolution's strided
-# loop is scalar and measured 1.4-6x slower than dense). Its backward is
-# dense-masked, so training and inference break even at the same density:
-# forward timings of 64->64 3x3 on 56x56 (batch 32), 16->16 on 32x32 (64),
+# loop is scalar and measured 1.4-6x slower than dense), one value for
+# training and inference: the sparse backward's break-even on 64->64 3x3 at
+# 56x56 (masked benchmark: 1.6x faster at 20%, 0.7x at 50%) is close to the
+# forward's. Forward timings of 64->64 3x3 on 56x56 (batch 32), 16->16 on 32x32 (64),
 # 3->64 and 64->128 3x3 (60), a 1x1 256->64 on 14x14 (32) and 64->64 on 7x7
 # at batch 1 put it at 20-50% (sparse at 30%: 1.3-2.5x faster, except the 7x7
 # batch-1 layer: 0.8x). 25%, not 20%: masks drawn at "20%" land just above
@@ -277,15 +278,15 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
     At or below ``sparse_threshold`` density (default None: the device's entry
     in ``SPARSE_CONV_DENSITY_THRESHOLD``, for stride 1 only; 0 disables, 1
-    forces) it runs the sparse convolution (CPU, float32/float64; its backward
-    is dense-masked); otherwise the dense-masked op.
+    forces) it runs the sparse convolution (CPU, float32/float64); otherwise
+    the dense-masked op.
     """
 
     _SPARSE_DEVICES = ("cpu",)  # no CUDA sparse convolution yet
 
     @staticmethod
     def _threshold_table(training: bool) -> Dict[str, float]:
-        return SPARSE_CONV_DENSITY_THRESHOLD  # the backward is dense-masked either way
+        return SPARSE_CONV_DENSITY_THRESHOLD  # one table for training and inference (see its comment)
 
     def _use_sparse(self, x: Tensor) -> bool:
         if self.sparse_threshold is None and tuple(self.stride) != (1, 1):

@@ -14,8 +14,8 @@ Two paths compute the same function, ``y = x @ (weight * mask)^T + bias``:
   does O(nnz * batch) work. Backward: a transposed sparse product for
   ``grad_x`` and a sampled dense-dense product for ``grad_weight`` at kept
   positions only. CPU, float32/float64. ``sparse_masked_conv2d`` is a direct
-  sparse convolution in the forward (no im2col) and dense-masked in the
-  backward.
+  sparse convolution (no im2col); its backward is sparse for stride 1 and
+  dense-masked otherwise.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, packed: PackedMask, bias: Op
                          dilation: Sequence[int] | int = 1, groups: int = 1) -> Tensor:
     """Same result as :func:`masked_conv2d` for x [N, C, H, W], the mask given
     as ``mask_pack(mask)``; the forward reads only the kept weights (direct
-    sparse convolution). CPU, float32/float64. The backward is dense-masked
-    (torch's convolution backward on ``weight * mask``)."""
+    sparse convolution). CPU, float32/float64. The backward is sparse for
+    stride 1 (padding <= dilation * (kernel - 1)), else torch's convolution
+    backward on ``weight * mask``."""
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
     return torch.ops.pyprune.sparse_masked_conv2d.default(x, weight, packed.row_ptr, packed.col_idx, bias,
                                                           pair(stride), pair(padding), pair(dilation), groups)

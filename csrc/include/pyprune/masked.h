@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 
@@ -17,6 +18,13 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
 
 // mask: bool, weight's shape and device.
 void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
+
+// A pyprune op's typed handle, for autograd functions that call ops through
+// the dispatcher (so torch.compile sees opaque ops with fake kernels).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 // CPU checks of one compressed index of a packed mask (see mask_pack) against
 // a weight [out, in]: CSR (row_ptr, col_idx) when rows_first, else CSC
