@@ -162,6 +162,20 @@ def test_automatic_path_choice_follows_the_measured_thresholds():
     assert not small._use_sparse(torch.randn(2, 100))
 
 
+def test_path_choice_follows_dtype_changes():
+    # the choice is cached per mask / device / dtype / threshold change, so .to() must refresh it
+    layer = MaskedLinear.from_dense(nn.Linear(100, 10), torch.arange(1000).reshape(10, 100) < 50)
+    x = torch.randn(2, 100)
+    assert layer._use_sparse(x)
+    layer.half()
+    assert not layer._use_sparse(x.half())  # no float16 sparse CPU kernel
+    layer.double()
+    assert layer._use_sparse(x.double())
+    torch.testing.assert_close(layer(x.double()), nn.functional.linear(x.double(), layer.weight, layer.bias))
+    layer.sparse_threshold = 0.01
+    assert not layer._use_sparse(x.double())
+
+
 def test_packed_mask_follows_set_mask():
     masked = MaskedLinear(8, 4)
     masked.sparse_threshold = 1.0

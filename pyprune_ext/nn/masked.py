@@ -113,18 +113,18 @@ class _MaskedMixin:
 
     def _mask_changed(self) -> None:
         """Zeroes newly pruned weights and refreshes what is derived from the mask:
-        the packed form and the density the forward pass decides on (a plain float,
-        so torch.compile needs no data-dependent branch)."""
+        the packed form and the path choice (plain Python values, so
+        torch.compile needs no data-dependent branch)."""
         self._packed = None
         self._mask_token = object()  # new identity per mask change (see _rezero_after_step)
         # (from_dense first builds the module on the meta device: no values yet)
         self._cached_density = 1.0 if self.mask.is_meta else self.density
         self.apply_mask_()
-        self._prepack()
+        self._choose_path()
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .double(): the mask buffer is replaced
         result = super()._apply(fn, recurse)
-        self._prepack()
+        self._choose_path()
         return result
 
     @property
@@ -136,19 +136,32 @@ class _MaskedMixin:
     @sparse_threshold.setter
     def sparse_threshold(self, value: Optional[float]) -> None:
         self._sparse_threshold_override = value
-        self._prepack()
+        self._choose_path()
 
-    def _prepack(self) -> None:
-        """Packs the mask now if the sparse path may run with it, not in the first
-        forward: torch.compile cannot trace mask_pack (its output sizes depend on
-        the data). Dense-enough masks are not packed (32 bytes per kept weight)."""
-        if self.mask.is_meta:
+    def _sparse_allowed(self) -> bool:
+        """Whether a sparse kernel exists for the weight's device and dtype."""
+        device = self.weight.device.type
+        if device == "cpu":
+            return self.weight.dtype in (torch.float32, torch.float64)  # the CPU kernels' dtypes
+        return device in self._SPARSE_DEVICES
+
+    def _choose_path(self) -> None:
+        """Decides the path once per mask, device, dtype or threshold change, not per
+        call: the decision read per call (device type, dtype, thresholds) cost
+        ~5-10 us on a LeNet-size layer, as much as the prune way's extra multiply.
+        ``_sparse_path`` holds the choice (training, inference): training when
+        autograd records the call. Packs the mask now if either may be sparse, not
+        in the first forward: torch.compile cannot trace mask_pack (its output
+        sizes depend on the data)."""
+        if self.mask.is_meta or not self._sparse_allowed():
+            self._sparse_path = (False, False)
             return
-        if self.sparse_threshold is not None:
-            limit = self.sparse_threshold
-        else:
-            limit = max([*self._threshold_table(True).values(), *self._threshold_table(False).values(), 0.0])
-        if self._cached_density <= limit:
+        device = self.weight.device.type
+        override = self.sparse_threshold
+        limits = [override if override is not None else self._threshold_table(training).get(device, 0.0)
+                  for training in (True, False)]
+        self._sparse_path = tuple(self._cached_density <= limit for limit in limits)
+        if any(self._sparse_path):
             self.packed()
 
     def _checked_mask(self, mask: Tensor) -> Tensor:
@@ -183,19 +196,11 @@ class _MaskedMixin:
         """Fraction of weights pruned."""
         return 1.0 - self.density
 
-    def _sparse_threshold(self, x: Tensor) -> float:
-        """The density at or below which this call takes the sparse path."""
-        if self.sparse_threshold is not None:
-            return self.sparse_threshold
-        training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
-        return (self._threshold_table(training)).get(x.device.type, 0.0)
-
     def _use_sparse(self, x: Tensor) -> bool:
-        if x.device.type not in self._SPARSE_DEVICES:
-            return False
-        if x.device.type == "cpu" and self.weight.dtype not in (torch.float32, torch.float64):
-            return False  # the CPU sparse kernels are float32/float64
-        return self._cached_density <= self._sparse_threshold(x)
+        training, inference = self._sparse_path
+        if training == inference:  # the usual case: one attribute read per call
+            return training
+        return training if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad) else inference
 
     def packed(self) -> ops.PackedMask:
         """The packed mask, built once per mask change (and device move)."""
@@ -288,10 +293,10 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     def _threshold_table(training: bool) -> Dict[str, float]:
         return SPARSE_CONV_DENSITY_THRESHOLD  # one table for training and inference (see its comment)
 
-    def _use_sparse(self, x: Tensor) -> bool:
+    def _sparse_allowed(self) -> bool:
         if self.sparse_threshold is None and tuple(self.stride) != (1, 1):
             return False  # strided: measured slower than dense (scalar loop); forced use is honoured
-        return super()._use_sparse(x)
+        return super()._sparse_allowed()
 
     def __init__(self, *args, mask: Optional[Tensor] = None, **kwargs):
         super().__init__(*args, **kwargs)
