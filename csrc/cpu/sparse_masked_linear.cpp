@@ -396,9 +396,13 @@ bool sparse_product(at::Tensor& out, const at::Tensor& src, const at::Tensor& pt
     const int64_t* p = ptr.const_data_ptr<int64_t>();
     const int64_t* ix = idx.const_data_ptr<int64_t>();
     const scalar_t* bias = init.defined() ? init.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n_chunks, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    // Threads take the next chunk as they finish one (not a fixed share each):
+    // on a shared machine a descheduled thread then delays one chunk, not half
+    // the work. Each chunk's lines are still summed by one thread in one order.
+    std::atomic<int64_t> next_chunk{0};
+    at::parallel_for(0, n_chunks, grain, [&](int64_t, int64_t) {
       std::vector<scalar_t> lines_buf(chunk * 4 * lanes), vals;
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      for (int64_t c; (c = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
         const int64_t l0 = c * chunk, l1 = std::min(lines, l0 + chunk);
         // The chunk's value count comes from ptr before gather_values checks its lines.
         if (p[l0] < 0 || p[l1] < p[l0] || p[l1] > nnz) {

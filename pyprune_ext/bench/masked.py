@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import warnings
 
 import torch
@@ -170,8 +171,9 @@ def main(argv=None, prog=None):
                 cols.append(f"{times['prune'] / times['auto']:.2f}x")
                 cols.append(f"{times['dense'] / times['auto']:.2f}x")
                 rows.append(cols)
+                # progress on stderr, so the tables on stdout can be saved as they are
                 print(f"  {label} {'fwd+bwd' if backward else 'fwd'} {100 * density:g}%: auto {times['auto']:.3f} ms",
-                      flush=True)
+                      file=sys.stderr, flush=True)
             print_table(f"{label}, {'forward+backward' if backward else 'forward'}, {args.dtype}, {machine}",
                         ["density", "dense ms", "prune ms", "csr ms", "masked ms", "sparse ms", "auto ms",
                          "auto vs prune", "auto vs dense"], rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 
@@ -117,7 +118,7 @@ def main(argv=None, prog=None):
     for shape, layout, dtype in cases:
         results.append(run_case(shape, layout, dtype, args.device, with_compile))
         r = results[-1]
-        print(f"  {r['shape']} {layout} {r['dtype']}: op {r['op_ms']:.3f} ms", flush=True)
+        print(f"  {r['shape']} {layout} {r['dtype']}: op {r['op_ms']:.3f} ms", file=sys.stderr, flush=True)  # progress
 
     machine = machine_name(args.device)
     headers = ["shape (layout, dtype)", "ours ms", "eager ms", "compile ms", "ours GB/s",
