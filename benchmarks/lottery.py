@@ -40,6 +40,7 @@ from torch.nn.utils import prune
 
 from pyprune_ext.bench.common import machine_name, median_seconds, print_table, write_json
 from pyprune_ext.data import load_dataset
+from pyprune_ext.optim import build_optimizer
 from pyprune_ext.lottery import (LotteryConfig, LotteryRun, MaskSet, classification_evaluator,
                                  classification_step)
 from pyprune_ext.models import lenet300
@@ -165,7 +166,8 @@ def paper_masks(level: int, seed: int = 0) -> MaskSet:
 def _step_fn(model, device):
     x = torch.randn(60, 784, device=device)
     y = torch.randint(0, 10, (60,), device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1.2e-3)
+    # as pyprune lottery builds it (fused Adam where torch has the kernel)
+    optimizer = build_optimizer(torch.optim.Adam, model.parameters(), lr=1.2e-3)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

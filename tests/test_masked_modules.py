@@ -190,6 +190,7 @@ OPTIMIZERS = {
     "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),  # what pyprune's loops build
 }
 
 

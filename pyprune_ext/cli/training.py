@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import distributed
 from ..data import make_loader
+from ..optim import build_optimizer
 
 from .common import UsageError
 
@@ -36,7 +37,7 @@ def ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return build_optimizer(torch.optim.Adam, params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     raise UsageError(f"--optimizer must be adam or sgd, got {name!r}")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..distributed import all_reduce_sum_, world_size
+from ..optim import build_optimizer
 from .config import LotteryConfig
 from .data_order import DataOrder, fetch_batch
 from .io import load_tensors, save_tensors
@@ -34,10 +35,12 @@ Evaluate = Callable[[nn.Module, str], Dict[str, float]]
 
 
 def make_optimizer(config: LotteryConfig, params) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.optimizer`` with ``config.lr`` and ``optimizer_kwargs``."""
+    """The optimizer named by ``config.optimizer`` with ``config.lr`` and
+    ``optimizer_kwargs`` (Adam / AdamW fused unless those say otherwise: see
+    :mod:`pyprune_ext.optim`)."""
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[config.optimizer]
     try:
-        return cls(params, lr=config.lr, **config.optimizer_kwargs)
+        return build_optimizer(cls, params, lr=config.lr, **config.optimizer_kwargs)
     except TypeError as err:
         raise ValueError(f"optimizer_kwargs {config.optimizer_kwargs!r} do not fit {cls.__name__}: {err}") from err
 
