@@ -174,3 +174,31 @@ def test_sparse_conv2d_says_it_has_no_cuda_kernel():
     packed = pp.mask_pack(mask.cuda())
     with pytest.raises(RuntimeError, match="no kernel for cuda"):
         pp.sparse_masked_conv2d(x.cuda(), w.cuda(), packed, b.cuda(), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_conv2d_every_row_width(dtype):
+    # Every split of an output row into 4-vector segments and a 1-4 vector rest
+    # (widths 25-31 floats once lost their last values: a 28-wide row).
+    gen = torch.Generator().manual_seed(0)
+    for width in range(1, 41):
+        x = torch.randn(2, 3, 4, width, generator=gen, dtype=torch.float64).to(dtype)
+        w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64).to(dtype)
+        mask = torch.rand(w.shape, generator=gen) < 0.6
+        packed = pp.mask_pack(mask)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        want = F.conv2d(x.double(), w.double() * mask, padding=1)
+        got = pp.sparse_masked_conv2d(x, w, packed, None, padding=1)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(),
+                                   msg=lambda m: f"width {width}: {m}")
+        gy = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(dtype)
+        gx = torch.ops.pyprune.sparse_masked_conv2d_grad_input(gy, x, w, packed.row_ptr, packed.col_idx, [1, 1],
+                                                               [1, 1], 1)
+        gw = torch.ops.pyprune.sparse_masked_conv2d_grad_weight(gy, x, w, packed.row_ptr, packed.col_idx, [1, 1],
+                                                                [1, 1], 1)
+        xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+        F.conv2d(xd, wd * mask, padding=1).backward(gy.double())
+        torch.testing.assert_close(gx.double(), xd.grad, rtol=tol, atol=tol * xd.grad.abs().max().item(),
+                                   msg=lambda m: f"grad_x, width {width}: {m}")
+        torch.testing.assert_close(gw.double(), wd.grad, rtol=tol * 10, atol=tol * 10 * wd.grad.abs().max().item(),
+                                   msg=lambda m: f"grad_w, width {width}: {m}")

@@ -65,7 +65,8 @@ C10_ALWAYS_INLINE void segment(scalar_t* __restrict out, int64_t out_step, int64
 }
 
 // R output rows [width] of one channel, stride 1: segments of 4 vectors, then
-// one of 1-3 vectors for the rest (its last vector partly stored).
+// one of 1-4 vectors for the rest (its last vector partly stored; 4 when the
+// rest is 25-31 floats, e.g. a 28-wide row).
 template <typename scalar_t, int R>
 C10_ALWAYS_INLINE void conv_rows_unit_stride(scalar_t* out, int64_t out_step, int64_t width, scalar_t init,
                                              const scalar_t* row, int64_t row_step, const int64_t* off,
@@ -83,7 +84,8 @@ C10_ALWAYS_INLINE void conv_rows_unit_stride(scalar_t* out, int64_t out_step, in
   switch ((rest + lanes - 1) / lanes) {
     case 1: return segment<scalar_t, R, 1>(o, out_step, last, init, in, row_step, off, vals, count);
     case 2: return segment<scalar_t, R, 2>(o, out_step, last, init, in, row_step, off, vals, count);
-    default: return segment<scalar_t, R, 3>(o, out_step, last, init, in, row_step, off, vals, count);
+    case 3: return segment<scalar_t, R, 3>(o, out_step, last, init, in, row_step, off, vals, count);
+    default: return segment<scalar_t, R, 4>(o, out_step, last, init, in, row_step, off, vals, count);
   }
 }
 
