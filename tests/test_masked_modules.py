@@ -134,9 +134,9 @@ def test_automatic_conv_path_choice():
     conv.set_mask(exact(cut + 0.05))
     assert not conv._use_sparse(x)
     strided = MaskedConv2d.from_dense(nn.Conv2d(8, 16, 3, stride=2), exact(0.05))
-    assert not strided._use_sparse(x)  # strided: dense-masked unless forced
-    strided.sparse_threshold = 1.0
-    assert strided._use_sparse(x)
+    assert strided._use_sparse(x)  # strided too (stride-phase split input)
+    strided.sparse_threshold = 0.0
+    assert not strided._use_sparse(x)
     half = MaskedConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1).half(), exact(0.05))
     assert not half._use_sparse(x.half())  # float16 on the CPU: no sparse kernel
 

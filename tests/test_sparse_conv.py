@@ -11,7 +11,8 @@ import pyprune_ext as pp
 # (N, C, H, W, out, kernel, stride, padding, dilation, groups). Output widths
 # 9, 5, 37, 13, 56 and 3 reach the 4-vector segments, 1-3 vector rests and the
 # partly stored last vector; odd output heights the single-row pass; strides
-# > 1 the strided loop; groups and depthwise the channel offsets.
+# > 1 (with dilation, odd sizes) the phase-split image; groups and depthwise
+# the channel offsets.
 GEOMETRIES = [
     (2, 3, 7, 9, 4, 3, 1, 1, 1, 1),
     (2, 4, 8, 8, 6, 3, 2, 1, 1, 2),
@@ -20,6 +21,7 @@ GEOMETRIES = [
     (2, 3, 13, 13, 5, (3, 5), (2, 1), (0, 2), (1, 2), 1),
     (1, 8, 5, 56, 3, 3, 1, 1, 1, 1),
     (1, 2, 5, 5, 3, 5, 1, 0, 1, 1),
+    (1, 3, 17, 23, 4, 3, (3, 2), (1, 2), (2, 1), 1),
 ]
 
 

@@ -6,7 +6,9 @@
 //
 // Each kept weight (o, c, kh, kw) adds weight * a shifted input row to every
 // output row of channel o. With each image zero-padded into a per-thread
-// buffer (so no border tests in the inner loop), an output row is computed in segments of up to 32
+// buffer (so no border tests in the inner loop; for strided convolutions split
+// into its stride phases, so that the inputs of an output row are contiguous
+// there too), an output row is computed in segments of up to 32
 // floats (16 doubles) whose sums stay in registers across all kept weights of
 // the channel: one vector load and one FMA per kept weight and vector, no
 // store until the segment is done. No im2col buffer: for a 3x3 convolution it
@@ -37,7 +39,7 @@ namespace {
 // vals[e] * row[r * row_step + off[e] + 0:V*lanes) (stride 1: the shifted input
 // is contiguous). R * V independent sums keep the FMA units busy; each kept
 // value is broadcast once for all of them. Only `valid` values of the last
-// vector are stored (the rest read past the row: see PaddedImage's slack).
+// vector are stored (the rest read past the row: see PhaseImage's slack).
 template <typename scalar_t, int R, int V>
 C10_ALWAYS_INLINE void segment(scalar_t* __restrict out, int64_t out_step, int64_t valid, scalar_t init,
                                const scalar_t* __restrict row, int64_t row_step, const int64_t* off,
@@ -89,44 +91,27 @@ C10_ALWAYS_INLINE void conv_rows_unit_stride(scalar_t* out, int64_t out_step, in
   }
 }
 
-// One output row of one channel, any stride (the input is not contiguous):
-// out[ox] = init + sum over e of vals[e] * row[off[e] + ox * stride].
+// All output rows [OH, OW] of one channel from one padded image whose rows
+// for consecutive output rows are row_step apart (any stride: see PhaseImage).
 template <typename scalar_t>
-C10_ALWAYS_INLINE void conv_row_strided(scalar_t* out, int64_t width, int64_t stride, scalar_t init,
-                                        const scalar_t* row, const int64_t* off, const scalar_t* vals,
-                                        int64_t count) {
-  for (int64_t ox = 0; ox < width; ++ox) out[ox] = init;
-  for (int64_t e = 0; e < count; ++e) {
-    const scalar_t* src = row + off[e];
-    for (int64_t ox = 0; ox < width; ++ox) out[ox] += vals[e] * src[ox * stride];
-  }
-}
-
-// All output rows [OH, OW] of one channel from one padded image.
-template <typename scalar_t>
-C10_ALWAYS_INLINE void conv_channel_body(scalar_t* out, int64_t OH, int64_t OW, int64_t sh, int64_t sw,
-                                         int64_t Wp, scalar_t init, const scalar_t* image, const int64_t* off,
-                                         const scalar_t* vals, int64_t count) {
-  if (sw != 1) {
-    for (int64_t oy = 0; oy < OH; ++oy) {
-      conv_row_strided(out + oy * OW, OW, sw, init, image + oy * sh * Wp, off, vals, count);
-    }
-    return;
-  }
+C10_ALWAYS_INLINE void conv_channel_body(scalar_t* out, int64_t OH, int64_t OW, int64_t row_step, scalar_t init,
+                                         const scalar_t* image, const int64_t* off, const scalar_t* vals,
+                                         int64_t count) {
   int64_t oy = 0;
   for (; oy + 2 <= OH; oy += 2) {
-    conv_rows_unit_stride<scalar_t, 2>(out + oy * OW, OW, OW, init, image + oy * sh * Wp, sh * Wp, off, vals, count);
+    conv_rows_unit_stride<scalar_t, 2>(out + oy * OW, OW, OW, init, image + oy * row_step, row_step, off, vals,
+                                       count);
   }
   if (oy < OH) {
-    conv_rows_unit_stride<scalar_t, 1>(out + oy * OW, OW, OW, init, image + oy * sh * Wp, sh * Wp, off, vals, count);
+    conv_rows_unit_stride<scalar_t, 1>(out + oy * OW, OW, OW, init, image + oy * row_step, row_step, off, vals,
+                                       count);
   }
 }
 
 #define PYPRUNE_CONV_LOOPS(T)                                                                          \
-  PYPRUNE_CPU_CLONES void conv_channel(T* out, int64_t OH, int64_t OW, int64_t sh, int64_t sw,         \
-                                       int64_t Wp, T init, const T* image, const int64_t* off,         \
-                                       const T* vals, int64_t count) {                                 \
-    conv_channel_body(out, OH, OW, sh, sw, Wp, init, image, off, vals, count);                         \
+  PYPRUNE_CPU_CLONES void conv_channel(T* out, int64_t OH, int64_t OW, int64_t row_step, T init,       \
+                                       const T* image, const int64_t* off, const T* vals, int64_t count) { \
+    conv_channel_body(out, OH, OW, row_step, init, image, off, vals, count);                           \
   }
 PYPRUNE_CONV_LOOPS(float)
 PYPRUNE_CONV_LOOPS(double)
@@ -137,22 +122,64 @@ PYPRUNE_CONV_LOOPS(double)
 // convolution at low density, and this one stays in L2 while the task's
 // channels read it), with 32 values of slack at the end for the vector tails
 // that read past a row.
+//
+// With stride (sh, sw) the padded image is stored split into its sh x sw
+// phases: padded[c, y, x] at phase (y % sh, x % sw), row y / sh, column x / sw,
+// each phase [Hq, Wq] = the padded size divided by the stride, rounded up. A
+// strided convolution then reads each kept weight's inputs as contiguous
+// rows (the same vector loop as stride 1) instead of every sw-th value. For
+// stride 1 this is the plain padded image.
+struct PhaseLayout {
+  int64_t sh, sw, Hq, Wq;
+  // used[py * sw + px]: whether some tap reads phase (py, px) (a 1x1 stride-2
+  // convolution reads one of its four: the others are never filled)
+  std::vector<char> used;
+
+  PhaseLayout(int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t sh_, int64_t sw_)
+      : sh(sh_), sw(sw_), Hq((H + 2 * ph + sh_ - 1) / sh_), Wq((W + 2 * pw + sw_ - 1) / sw_),
+        used(sh_ * sw_, 1) {}
+
+  // Marks as used only the phases the taps (ty * dh, tx * dw) read.
+  void use_taps(int64_t kh, int64_t kw, int64_t dh, int64_t dw) {
+    std::fill(used.begin(), used.end(), 0);
+    for (int64_t ty = 0; ty < kh; ++ty) {
+      for (int64_t tx = 0; tx < kw; ++tx) used[(ty * dh % sh) * sw + tx * dw % sw] = 1;
+    }
+  }
+
+  // Where padded[c, y, x] is stored.
+  int64_t at(int64_t c, int64_t y, int64_t x) const {
+    return ((c * sh + y % sh) * sw + x % sw) * Hq * Wq + (y / sh) * Wq + x / sw;
+  }
+  int64_t size(int64_t C) const { return C * sh * sw * Hq * Wq; }
+};
+
 template <typename scalar_t>
-struct PaddedImage {
+struct PhaseImage {
   std::vector<scalar_t> data;
   int64_t image = -1;
 
-  const scalar_t* fill(const scalar_t* x, int64_t n, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw) {
-    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-    if (image != n) {
-      data.assign(C * Hp * Wp + 32, scalar_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t h = 0; h < H; ++h) {
-          std::memcpy(data.data() + (c * Hp + h + ph) * Wp + pw, x + ((n * C + c) * H + h) * W, W * sizeof(scalar_t));
+  const scalar_t* fill(const scalar_t* x, int64_t n, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw,
+                       const PhaseLayout& l) {
+    if (image == n) return data.data();
+    data.assign(l.size(C) + 32, scalar_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t y = h + ph;
+        const scalar_t* src = x + ((n * C + c) * H + h) * W;
+        if (l.sw == 1) {
+          if (l.used[y % l.sh]) std::memcpy(data.data() + l.at(c, y, pw), src, W * sizeof(scalar_t));
+          continue;
+        }
+        for (int64_t px = 0; px < l.sw; ++px) {  // padded columns x = px, px + sw, ...: one phase row
+          if (!l.used[(y % l.sh) * l.sw + px]) continue;
+          scalar_t* dst = data.data() + l.at(c, y, px);
+          const int64_t first = pw + ((px - pw) % l.sw + l.sw) % l.sw;  // first input column in this phase
+          for (int64_t x_pad = first, j = first / l.sw; x_pad < pw + W; x_pad += l.sw, ++j) dst[j] = src[x_pad - pw];
         }
       }
-      image = n;
     }
+    image = n;
     return data.data();
   }
 };
@@ -293,9 +320,15 @@ struct Entries {
 };
 
 // A direct convolution: in [N, Cin, H, W], zero-padded by (ph, pw) on the fly
-// (PaddedImage), -> out [N, Cout, OH, OW] with strides (sh, sw).
+// (PhaseImage), -> out [N, Cout, OH, OW] with strides (sh, sw).
 struct DirectConv {
-  int64_t N, Cin, H, W, ph, pw, Cout, OH, OW, sh, sw;
+  int64_t N, Cin, H, W, ph, pw, Cout, OH, OW, sh, sw, kh, kw, dh, dw;
+
+  PhaseLayout layout() const {
+    PhaseLayout l(H, W, ph, pw, sh, sw);
+    l.use_taps(kh, kw, dh, dw);
+    return l;
+  }
 };
 
 // Tasks are (image, output channel) pairs in that order, so a thread works
@@ -305,16 +338,16 @@ struct DirectConv {
 template <typename scalar_t>
 void direct_conv(scalar_t* out, const scalar_t* in, const DirectConv& d, const Entries<scalar_t>& e,
                  const scalar_t* bias) {
-  const int64_t Wp = d.W + 2 * d.pw;
+  const PhaseLayout layout = d.layout();
   // One (image, channel) task is OH * OW * nnz / Cout multiply-adds: group a few.
   const int64_t per_channel = static_cast<int64_t>(e.vals.size()) / std::max<int64_t>(d.Cout, 1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d.OH * d.OW * per_channel));
   at::parallel_for(0, d.N * d.Cout, grain, [&](int64_t begin, int64_t end) {
-    PaddedImage<scalar_t> padded;
+    PhaseImage<scalar_t> padded;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / d.Cout, j = task % d.Cout;
-      const scalar_t* image = padded.fill(in, n, d.Cin, d.H, d.W, d.ph, d.pw);
-      conv_channel(out + task * d.OH * d.OW, d.OH, d.OW, d.sh, d.sw, Wp, bias ? bias[j] : scalar_t(0), image,
+      const scalar_t* image = padded.fill(in, n, d.Cin, d.H, d.W, d.ph, d.pw, layout);
+      conv_channel(out + task * d.OH * d.OW, d.OH, d.OW, layout.Wq, bias ? bias[j] : scalar_t(0), image,
                    e.off.data() + e.ptr[j], e.vals.data() + e.ptr[j], e.ptr[j + 1] - e.ptr[j]);
     }
   });
@@ -346,7 +379,8 @@ at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_conv2d_cpu", [&] {
-    const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+    const DirectConv conv{g.N, g.C, g.H, g.W, g.ph, g.pw, g.O, g.OH, g.OW, g.sh, g.sw, g.kh, g.kw, g.dh, g.dw};
+    const PhaseLayout layout = conv.layout();
     const scalar_t* wd = w.const_data_ptr<scalar_t>();
     const int64_t* ix = idx.const_data_ptr<int64_t>();
     Entries<scalar_t> e;
@@ -354,12 +388,11 @@ at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
     e.off.resize(idx.numel());
     e.vals.resize(idx.numel());
     ok = for_each_kept(g, e.ptr.data(), ix, idx.numel(), [&](int64_t o, int64_t p, int64_t c, int64_t ty, int64_t tx) {
-      e.off[p] = (c * Hp + ty * g.dh) * Wp + tx * g.dw;
+      e.off[p] = layout.at(c, ty * g.dh, tx * g.dw);  // the input of output (0, 0)
       e.vals[p] = wd[o * g.K + ix[p]];
     });
     if (!ok) return;
-    direct_conv(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                DirectConv{g.N, g.C, g.H, g.W, g.ph, g.pw, g.O, g.OH, g.OW, g.sh, g.sw}, e,
+    direct_conv(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), conv, e,
                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr);
   });
   check_kept_ok(op, ok, g.K);
@@ -403,7 +436,8 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tens
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_conv2d_grad_input_cpu", [&] {
     const int64_t qh = g.dh * (g.kh - 1) - g.ph, qw = g.dw * (g.kw - 1) - g.pw;  // grad_y's padding
-    const int64_t Hq = g.OH + 2 * qh, Wq = g.OW + 2 * qw;
+    const DirectConv conv{g.N, g.O, g.OH, g.OW, qh, qw, g.C, g.H, g.W, 1, 1, g.kh, g.kw, g.dh, g.dw};
+    const PhaseLayout layout = conv.layout();
     const scalar_t* wd = w.const_data_ptr<scalar_t>();
     const int64_t* p = ptr.const_data_ptr<int64_t>();
     const int64_t* ix = idx.const_data_ptr<int64_t>();
@@ -419,12 +453,10 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tens
     std::vector<int64_t> cursor(e.ptr.begin(), e.ptr.end() - 1);
     for_each_kept(g, p, ix, idx.numel(), [&](int64_t o, int64_t q, int64_t c, int64_t ty, int64_t tx) {
       const int64_t at = cursor[c]++;
-      e.off[at] = (o * Hq + g.dh * (g.kh - 1 - ty)) * Wq + g.dw * (g.kw - 1 - tx);
+      e.off[at] = layout.at(o, g.dh * (g.kh - 1 - ty), g.dw * (g.kw - 1 - tx));
       e.vals[at] = wd[o * g.K + ix[q]];
     });
-    direct_conv(gx.data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(),
-                DirectConv{g.N, g.O, g.OH, g.OW, qh, qw, g.C, g.H, g.W, 1, 1}, e,
-                static_cast<const scalar_t*>(nullptr));
+    direct_conv(gx.data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), conv, e, static_cast<const scalar_t*>(nullptr));
   });
   check_kept_ok(op, ok, g.K);
   return gx;

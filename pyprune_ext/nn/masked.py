@@ -45,15 +45,18 @@ from .. import ops
 SPARSE_DENSITY_THRESHOLD = {"cpu": 0.3, "cuda": 0.0}
 SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.4, "cuda": 0.0}
 
-# The same for MaskedConv2d (stride 1 only: the sparse convolution's strided
-# loop is scalar and measured 1.4-6x slower than dense), one value for
-# training and inference: the sparse backward's break-even on 64->64 3x3 at
-# 56x56 (masked benchmark: 1.6x faster at 20%, 0.7x at 50%) is close to the
-# forward's. Forward timings of 64->64 3x3 on 56x56 (batch 32), 16->16 on 32x32 (64),
-# 3->64 and 64->128 3x3 (60), a 1x1 256->64 on 14x14 (32) and 64->64 on 7x7
-# at batch 1 put it at 20-50% (sparse at 30%: 1.3-2.5x faster, except the 7x7
-# batch-1 layer: 0.8x). 25%, not 20%: masks drawn at "20%" land just above
-# 0.2 as often as below, and the sparse path is 2x faster there.
+# The same for MaskedConv2d, one value for training and inference: the sparse
+# backward's break-even on 64->64 3x3 at 56x56 (masked benchmark: 1.6x faster
+# at 20%, 0.7x at 50%) is close to the forward's. Forward timings of 64->64 3x3
+# on 56x56 (batch 32), 16->16 on 32x32 (64), 3->64 and 64->128 3x3 (60), a 1x1
+# 256->64 on 14x14 (32) and 64->64 on 7x7 at batch 1 put it at 20-50% (sparse
+# at 30%: 1.3-2.5x faster, except the 7x7 batch-1 layer: 0.8x). 25%, not 20%:
+# masks drawn at "20%" land just above 0.2 as often as below, and the sparse
+# path is 2x faster there. Strided convolutions (stride-phase split input; the
+# backward is torch's on weight * mask) measured forward 1.2-2.9x faster than
+# dense-masked at 10-25% on 3x3 stride-2 64->128 (56x56, batch 32), 128->256
+# (28x28, 32), 16->32 (32x32, 64) and a 1x1 stride-2 64->128, and forward +
+# backward 1.0-1.6x on the 3x3 ones (the 1x1: 1.3x with a real gradient).
 SPARSE_CONV_DENSITY_THRESHOLD = {"cpu": 0.25}
 
 _LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
@@ -282,9 +285,8 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     depthwise included).
 
     At or below ``sparse_threshold`` density (default None: the device's entry
-    in ``SPARSE_CONV_DENSITY_THRESHOLD``, for stride 1 only; 0 disables, 1
-    forces) it runs the sparse convolution (CPU, float32/float64); otherwise
-    the dense-masked op.
+    in ``SPARSE_CONV_DENSITY_THRESHOLD``; 0 disables, 1 forces) it runs the
+    sparse convolution (CPU, float32/float64); otherwise the dense-masked op.
     """
 
     _SPARSE_DEVICES = ("cpu",)  # no CUDA sparse convolution yet
@@ -292,11 +294,6 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     @staticmethod
     def _threshold_table(training: bool) -> Dict[str, float]:
         return SPARSE_CONV_DENSITY_THRESHOLD  # one table for training and inference (see its comment)
-
-    def _sparse_allowed(self) -> bool:
-        if self.sparse_threshold is None and tuple(self.stride) != (1, 1):
-            return False  # strided: measured slower than dense (scalar loop); forced use is honoured
-        return super()._sparse_allowed()
 
     def __init__(self, *args, mask: Optional[Tensor] = None, **kwargs):
         super().__init__(*args, **kwargs)
