@@ -246,3 +246,28 @@ def test_compile_fullgraph_masked_mlp_and_cnn(sparse):
                               fullgraph=True)
     h = torch.randn(3, 40)
     torch.testing.assert_close(sparse_fn(h), model.fc2(h))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's own, from the reference conv
+@pytest.mark.parametrize("kernel, dilation, padding", [(3, 1, "same"), (4, 1, "same"), (3, 2, "same"),
+                                                       ((2, 3), 1, "same"), (3, 1, "valid")])
+def test_string_padding_matches_conv2d(kernel, dilation, padding, sparse):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel, padding=padding, dilation=dilation).double()
+    mask = torch.rand(conv.weight.shape) < 0.5
+    masked = MaskedConv2d.from_dense(copy.deepcopy(conv), mask)
+    masked.sparse_threshold = 1.0 if sparse else 0.0
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    for inputs in (x, x[0]):  # batched and unbatched
+        xa, xb = inputs.clone().requires_grad_(), inputs.clone().requires_grad_()
+        want, got = conv(xa), masked(xb)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+        want.square().sum().backward()
+        got.square().sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(masked.weight.grad, conv.weight.grad * mask)
+    assert masked.to_dense().padding == padding

@@ -312,9 +312,13 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d does: pad explicitly, then no padding
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        if isinstance(padding, str):
-            raise ValueError("MaskedConv2d: string padding ('same'/'valid') is not supported; "
-                             "give the padding as numbers")
+        elif isinstance(padding, str):  # 'same' / 'valid': nn.Conv2d worked out the amount per side
+            left_w, right_w, top, bottom = self._reversed_padding_repeated_twice
+            if left_w == right_w and top == bottom:
+                padding = (top, left_w)
+            else:  # 'same' with an odd total (kernel 4: 1 + 2): the extra one right / bottom, as torch does
+                x = F.pad(x, self._reversed_padding_repeated_twice)
+                padding = (0, 0)
         if self._use_sparse(x):
             batched = x if x.dim() == 4 else x.unsqueeze(0)
             y = ops.sparse_masked_conv2d(batched, self.weight, self.packed(), self.bias, self.stride, padding,
