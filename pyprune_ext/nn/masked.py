@@ -59,6 +59,8 @@ SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.4, "cuda": 0.0}
 # backward 1.0-1.6x on the 3x3 ones (the 1x1: 1.3x with a real gradient).
 SPARSE_CONV_DENSITY_THRESHOLD = {"cpu": 0.25}
 
+_MASKED_LINEAR = torch.ops.pyprune.masked_linear.default
+
 _LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
 _HOOK_HANDLE = None
 
@@ -269,9 +271,10 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return shell._adopt(linear, mask)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._use_sparse(x):
+        if self._sparse_path != (False, False) and self._use_sparse(x):
             return ops.sparse_masked_linear(x, self.weight, self.packed(), self.bias)
-        return ops.masked_linear(x, self.weight, self.mask, self.bias)
+        # the op itself, not the ops wrapper: one Python call less on every dense-masked step
+        return _MASKED_LINEAR(x, self.weight, self.mask, self.bias)
 
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with zeros at pruned positions, sharing this module's
