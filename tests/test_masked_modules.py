@@ -271,3 +271,14 @@ def test_string_padding_matches_conv2d(kernel, dilation, padding, sparse):
         torch.testing.assert_close(xb.grad, xa.grad)
     torch.testing.assert_close(masked.weight.grad, conv.weight.grad * mask)
     assert masked.to_dense().padding == padding
+
+
+def test_modules_pickled_before_the_cached_path_choice_still_load():
+    layer = MaskedLinear.from_dense(nn.Linear(10, 4), torch.rand(4, 10) < 0.2)
+    state = layer.__dict__.copy()
+    del state["_sparse_path"]  # what an older version pickled
+    restored = MaskedLinear.__new__(MaskedLinear)
+    restored.__setstate__(state)
+    x = torch.randn(2, 10)
+    assert restored._sparse_path == layer._sparse_path
+    torch.testing.assert_close(restored(x), layer(x))

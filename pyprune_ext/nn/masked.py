@@ -236,6 +236,8 @@ class _MaskedMixin:
 
     def __setstate__(self, state):  # copy.deepcopy and pickle: keep the new copy re-zeroed too
         super().__setstate__(state)
+        if "_sparse_path" not in self.__dict__:  # pickled by a version that chose the path per call
+            self._choose_path()
         _register(self)
 
     def extra_repr(self) -> str:
