@@ -19,6 +19,7 @@ Methods, for y = x @ (w * m)^T (+ its backward where timed):
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import warnings
@@ -42,7 +43,10 @@ LINEAR_CASES = [  # (name, out, in, batch)
     ("4096x4096", 4096, 4096, 64),
     ("4096x4096", 4096, 4096, 256),
 ]
-CONV_CASE = ("conv3x3 64->64 56x56", 64, 64, 56, 32)
+CONV_CASES = [  # (name, in, out, size, batch, stride): the conv, and a ResNet-style downsampling one
+    ("conv3x3 64->64 56x56", 64, 64, 56, 32, 1),
+    ("conv3x3 stride 2 64->128 56x56", 64, 128, 56, 32, 2),
+]
 
 
 def timed(fn, device, backward, params):
@@ -88,23 +92,22 @@ def linear_methods(x, w, b, mask, backward):
     return methods, [w, b, module.weight, module.bias, pruned.weight_orig, pruned.bias, x]
 
 
-def conv_methods(x, w, b, mask, backward):
-    module = MaskedConv2d.from_dense(torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, device=w.device,
-                                                     dtype=w.dtype), mask)
+def conv_methods(x, w, b, mask, backward, stride=1):
+    layer = dict(kernel_size=3, stride=stride, padding=1, device=w.device, dtype=w.dtype)
+    module = MaskedConv2d.from_dense(torch.nn.Conv2d(w.shape[1], w.shape[0], **layer), mask)
     with torch.no_grad():
         module.weight.copy_(w * mask)
         module.bias.copy_(b)
-    pruned = torch_pruned(torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, device=w.device, dtype=w.dtype),
-                          w, b, mask)
+    pruned = torch_pruned(torch.nn.Conv2d(w.shape[1], w.shape[0], **layer), w, b, mask)
     methods = {
-        "dense": lambda: F.conv2d(x, w, b, padding=1),
+        "dense": lambda: F.conv2d(x, w, b, stride=stride, padding=1),
         "prune": lambda: pruned(x),
-        "masked": lambda: pp.masked_conv2d(x, w, mask, b, padding=1),
+        "masked": lambda: pp.masked_conv2d(x, w, mask, b, stride=stride, padding=1),
         "auto": lambda: module(x),
     }
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         packed = pp.mask_pack(mask)
-        methods["sparse"] = lambda: pp.sparse_masked_conv2d(x, w, packed, b, padding=1)
+        methods["sparse"] = lambda: pp.sparse_masked_conv2d(x, w, packed, b, stride=stride, padding=1)
     return methods, [w, b, module.weight, module.bias, pruned.weight_orig, pruned.bias, x]
 
 
@@ -116,14 +119,14 @@ def run_case(kind, shape_args, density, device, dtype, backward):
         x = torch.randn(batch, in_f, generator=gen, device=device, dtype=dtype)
         b = torch.randn(out_f, generator=gen, device=device, dtype=dtype)
     else:
-        c_in, c_out, size, batch = shape_args
+        c_in, c_out, size, batch, stride = shape_args
         w = torch.randn(c_out, c_in, 3, 3, generator=gen, device=device, dtype=dtype)
         x = torch.randn(batch, c_in, size, size, generator=gen, device=device, dtype=dtype)
         b = torch.randn(c_out, generator=gen, device=device, dtype=dtype)
     mask = torch.rand(w.shape, generator=gen, device=device) < density
     for t in (w, b, x):
         t.requires_grad_(backward)
-    make = linear_methods if kind == "linear" else conv_methods
+    make = linear_methods if kind == "linear" else functools.partial(conv_methods, stride=stride)
     methods, params = make(x, w, b, mask, backward)
     reference = methods["prune"]().detach()
     times = {}
@@ -150,7 +153,7 @@ def main(argv=None, prog=None):
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cases = [("linear", (o, i, b), f"{name} batch {b}") for name, o, i, b in LINEAR_CASES]
-    cases.append(("conv", CONV_CASE[1:], f"{CONV_CASE[0]} batch {CONV_CASE[4]}"))
+    cases += [("conv", c[1:], f"{c[0]} batch {c[4]}") for c in CONV_CASES]
     modes = [False] if args.forward_only else [False, True]
     if args.only:
         cases = [c for c in cases if args.only in c[2]]
