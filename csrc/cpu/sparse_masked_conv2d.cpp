@@ -184,16 +184,6 @@ struct PhaseImage {
   }
 };
 
-// The gradients of E kept weights with the same tap from one image, stride 1:
-// sums[e] += the sum over the output positions whose input is inside the image
-// (no padding copy) of gy_plane[oy, ox] * x_planes[e][oy + ry, ox + rx], where
-// (ry, rx) = the tap offset minus the padding. Each grad_y vector is loaded
-// once for the E weights (a dot product per weight needs two loads per
-// multiply-add). Each weight's sum runs in the same order whatever E: two
-// vector accumulators (even / odd vectors of a row). A row's last partial
-// vector (55 of 56 columns for every tap off the centre column of a padded
-// 3x3) is one more vector ending at the row's end, its lanes already summed
-// zeroed in grad_y (a scalar tail there measured ~1.1x slower overall).
 // acc[e][k] += g[0:lanes) (times *keep if given) * x_planes[e][x_offset + 0:lanes)
 template <typename scalar_t, int E>
 C10_ALWAYS_INLINE void dot_vector(typename Vec32<scalar_t>::type (&acc)[E][2], int k, const scalar_t* g,
@@ -210,6 +200,16 @@ C10_ALWAYS_INLINE void dot_vector(typename Vec32<scalar_t>::type (&acc)[E][2], i
   }
 }
 
+// The gradients of E kept weights with the same tap from one image, stride 1:
+// sums[e] += the sum over the output positions whose input is inside the image
+// (no padding copy) of gy_plane[oy, ox] * x_planes[e][oy + ry, ox + rx], where
+// (ry, rx) = the tap offset minus the padding. Each grad_y vector is loaded
+// once for the E weights (a dot product per weight needs two loads per
+// multiply-add). Each weight's sum runs in the same order whatever E: two
+// vector accumulators (even / odd vectors of a row). A row's last partial
+// vector (55 of 56 columns for every tap off the centre column of a padded
+// 3x3) is one more vector ending at the row's end, with grad_y zeroed in the
+// lanes already summed (a scalar tail there measured ~1.1x slower overall).
 template <typename scalar_t, int E>
 C10_ALWAYS_INLINE void tap_dots_body(scalar_t* sums, const scalar_t* gy_plane, const scalar_t* const* x_planes,
                                      int64_t OH, int64_t OW, int64_t H, int64_t W, int64_t ry, int64_t rx) {
