@@ -135,13 +135,11 @@ struct PhaseLayout {
   // convolution reads one of its four: the others are never filled)
   std::vector<char> used;
 
-  PhaseLayout(int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t sh_, int64_t sw_)
-      : sh(sh_), sw(sw_), Hq((H + 2 * ph + sh_ - 1) / sh_), Wq((W + 2 * pw + sw_ - 1) / sw_),
-        used(sh_ * sw_, 1) {}
-
-  // Marks as used only the phases the taps (ty * dh, tx * dw) read.
-  void use_taps(int64_t kh, int64_t kw, int64_t dh, int64_t dw) {
-    std::fill(used.begin(), used.end(), 0);
+  // For an image [H, W] padded by (ph, pw), read by the taps (ty * dh, tx * dw)
+  // of a kh x kw kernel with strides (sh, sw).
+  PhaseLayout(int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t sh_, int64_t sw_, int64_t kh, int64_t kw,
+              int64_t dh, int64_t dw)
+      : sh(sh_), sw(sw_), Hq((H + 2 * ph + sh_ - 1) / sh_), Wq((W + 2 * pw + sw_ - 1) / sw_), used(sh_ * sw_, 0) {
     for (int64_t ty = 0; ty < kh; ++ty) {
       for (int64_t tx = 0; tx < kw; ++tx) used[(ty * dh % sh) * sw + tx * dw % sw] = 1;
     }
@@ -324,11 +322,7 @@ struct Entries {
 struct DirectConv {
   int64_t N, Cin, H, W, ph, pw, Cout, OH, OW, sh, sw, kh, kw, dh, dw;
 
-  PhaseLayout layout() const {
-    PhaseLayout l(H, W, ph, pw, sh, sw);
-    l.use_taps(kh, kw, dh, dw);
-    return l;
-  }
+  PhaseLayout layout() const { return PhaseLayout(H, W, ph, pw, sh, sw, kh, kw, dh, dw); }
 };
 
 // Tasks are (image, output channel) pairs in that order, so a thread works

@@ -382,15 +382,14 @@ bool sparse_product(at::Tensor& out, const at::Tensor& src, const at::Tensor& pt
   if (tiles.empty()) return true;
   const int64_t lanes = 32 / src.element_size();
   const int64_t tiled_count = tiles.back().offset + src_cols * tiles.back().V * lanes;
-  void* scratch = thread_scratch(tiled_count * src.element_size());
-  const at::Tensor tiled = scratch ? at::Tensor() : at::empty({tiled_count}, src.options());
+  const Temporary tiled(tiled_count, src.options());
   const int64_t chunk = lines_per_chunk(lines, nnz);
   const int64_t n_chunks = (lines + chunk - 1) / chunk;
   // Below ~32K multiply-adds a thread wake-up costs more than it saves.
   const int64_t grain = nnz * M < (1 << 15) ? n_chunks : 1;
   std::atomic<bool> in_range{true};
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    scalar_t* tiled_data = scratch ? static_cast<scalar_t*>(scratch) : tiled.data_ptr<scalar_t>();
+    scalar_t* tiled_data = tiled.as<scalar_t>();
     for (const BatchTile& t : tiles) {
       to_tile_parallel(tiled_data + t.offset, t.V * lanes, src.const_data_ptr<scalar_t>() + t.m0 * src_cols,
                        src_cols, t.rows, src_cols);
@@ -491,13 +490,12 @@ at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
   // gradient is then one contiguous dot product (the zero padding adds exact zeros).
   const int64_t lanes = 32 / weight.element_size();
   const int64_t M = (x_rows.size(0) + lanes - 1) / lanes * lanes;
-  void* scratch = thread_scratch((out_f + in_f) * M * weight.element_size());
-  const at::Tensor both = scratch ? at::Tensor() : at::empty({(out_f + in_f) * M}, weight.options());
+  const Temporary both((out_f + in_f) * M, weight.options());
   at::Tensor gw = empty_cpu_huge_paged({out_f, in_f}, weight.options());  // every entry written (pruned: exactly 0)
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
   std::atomic<bool> in_range{true};
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_masked_linear_cpu", [&] {
-    scalar_t* gyt = scratch ? static_cast<scalar_t*>(scratch) : both.data_ptr<scalar_t>();
+    scalar_t* gyt = both.as<scalar_t>();
     scalar_t* xt = gyt + out_f * M;
     to_tile_parallel(gyt, M, gy_rows.const_data_ptr<scalar_t>(), out_f, gy_rows.size(0), out_f);
     to_tile_parallel(xt, M, x_rows.const_data_ptr<scalar_t>(), in_f, x_rows.size(0), in_f);

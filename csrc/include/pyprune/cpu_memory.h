@@ -62,4 +62,22 @@ inline void* thread_scratch(int64_t bytes) {
   return buffer.get();
 }
 
+// A temporary of `count` values of options' dtype: this thread's scratch
+// buffer when it fits, else a fresh tensor (kept alive by `owner`).
+struct Temporary {
+  at::Tensor owner;
+  void* data;
+
+  Temporary(int64_t count, const at::TensorOptions& options)
+      : data(thread_scratch(count * int64_t(options.dtype().itemsize()))) {
+    if (!data) {
+      owner = at::empty({count}, options);
+      data = owner.data_ptr();
+    }
+  }
+
+  template <typename T>
+  T* as() const { return static_cast<T*>(data); }
+};
+
 }  // namespace pyprune
