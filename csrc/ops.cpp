@@ -1,54 +1,13 @@
 // Operator schemas of the pyprune library: the one TORCH_LIBRARY block.
 // Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and
-// csrc/cuda; Python adds fake kernels and autograd in pyprune_ext/ops.py.
+// csrc/cuda; the masked and sparse ops' autograd is C++ (masked_autograd.cpp,
+// sparse_masked_conv2d.cpp); pyprune_ext/ops/ adds the fake kernels and the
+// Taylor ops' autograd.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <pyprune/build_info.h>
 #include <pyprune/masked.h>
-
-#if __has_include(<torch/headeronly/version.h>)
-#include <torch/headeronly/version.h>
-#else
-#include <torch/version.h>
-#endif
-
-#include <string>
-#include <tuple>
-
-// Stringifies a macro argument that may contain commas (the arch list).
-#define PYPRUNE_STRINGIFY_(...) #__VA_ARGS__
-#define PYPRUNE_STRINGIFY(...) PYPRUNE_STRINGIFY_(__VA_ARGS__)
-
-namespace pyprune {
-namespace {
-
-// What this binary was compiled with: (cuda, cuda arch list, torch version
-// built against, openmp). The arch list is written with commas by the build.
-std::tuple<bool, std::string, std::string, bool> build_info() {
-#ifdef PYPRUNE_WITH_CUDA
-  const bool cuda = true;
-#ifdef PYPRUNE_CUDA_ARCHS
-  std::string archs = PYPRUNE_STRINGIFY(PYPRUNE_CUDA_ARCHS);
-#else
-  std::string archs = "unknown";
-#endif
-#else
-  const bool cuda = false;
-  std::string archs;
-#endif
-#ifdef _OPENMP
-  const bool openmp = true;
-#else
-  const bool openmp = false;
-#endif
-  const std::string torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." +
-                                    std::to_string(TORCH_VERSION_MINOR) + "." +
-                                    std::to_string(TORCH_VERSION_PATCH);
-  return {cuda, archs, torch_version, openmp};
-}
-
-}  // namespace
-}  // namespace pyprune
 
 TORCH_LIBRARY(pyprune, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
@@ -133,4 +92,8 @@ TORCH_LIBRARY(pyprune, m) {
       "_build_info() -> (bool cuda, str cuda_arch_list, str torch_version, "
       "bool openmp)",
       &pyprune::build_info);
+  // The error a CUDA op raises on a GPU whose architecture was not compiled
+  // in; an op so that the tests can check it without such a GPU.
+  m.def("_missing_arch_message(int major, int minor, str gpu_name) -> str",
+        &pyprune::missing_arch_message);
 }

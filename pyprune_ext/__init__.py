@@ -13,7 +13,7 @@ def _base_version(version: str) -> str:
     return version.split("+")[0]
 
 
-_REBUILD = "rebuild it with: pip install --no-build-isolation -e ."
+_REBUILD = "rebuild it from its source folder with: pip install --no-build-isolation ."
 
 
 def _check_torch_version(built_with: str | None, running: str) -> None:
@@ -52,16 +52,22 @@ def build_info() -> dict:
     """What the compiled extension contains.
 
     Returns a dict with: ``cuda`` (CUDA kernels compiled), ``cuda_arch_list``
-    (architectures they were compiled for, e.g. ``"8.0;9.0"``), ``torch_version``
-    (the torch the extension was built against) and ``openmp`` (CPU kernels
-    multi-threaded through OpenMP).
+    (architectures they were compiled for, e.g. ``"8.0;9.0+PTX"``), ``torch_version``
+    (the torch the extension was built against), ``openmp`` (CPU kernels
+    multi-threaded through OpenMP) and ``cpu_only_reason`` (why a build has no
+    CUDA kernels, as setup.py saw it; empty otherwise or when unknown).
     """
     cuda, archs, torch_version, openmp = torch.ops.pyprune._build_info()
+    try:
+        from ._build_config import CPU_ONLY_REASON as cpu_only_reason
+    except ImportError:  # a build by an older setup.py, or the CMake library
+        cpu_only_reason = ""
     return {
         "cuda": bool(cuda),
-        "cuda_arch_list": archs.replace(",", ";"),
+        "cuda_arch_list": archs,
         "torch_version": torch_version,
         "openmp": bool(openmp),
+        "cpu_only_reason": "" if cuda else cpu_only_reason,
     }
 
 

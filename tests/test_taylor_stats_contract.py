@@ -143,7 +143,7 @@ def test_weight_stats_bad_input(device):
 
 def test_build_info():
     info = pp.build_info()
-    assert set(info) == {"cuda", "cuda_arch_list", "torch_version", "openmp"}
+    assert set(info) == {"cuda", "cuda_arch_list", "torch_version", "openmp", "cpu_only_reason"}
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert info["openmp"] is True
     if info["cuda"]:

@@ -10,12 +10,19 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cmake_architectures(arch_list: str) -> str:
+    """"8.0;9.0+PTX" or "8.0 9.0" -> "80;90", CMake's spelling."""
+    entries = [e for e in re.split(r"[;,\s]+", arch_list) if e]
+    return ";".join(e.split("+")[0].replace(".", "") for e in entries)
 
 
 def configure_args(cuda: bool, arch: str) -> list[str]:
@@ -30,7 +37,7 @@ def configure_args(cuda: bool, arch: str) -> list[str]:
         nvrtc = sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "lib", "libnvrtc.so.*")))
         args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DTORCH_CUDA_ARCH_LIST={arch}",
                  f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}",
-                 f"-DCMAKE_CUDA_ARCHITECTURES={arch.replace('.', '')}"]  # for enable_language; torch overrides
+                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_architectures(arch)}"]  # for enable_language; torch overrides
         if nvrtc:
             args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
     return args

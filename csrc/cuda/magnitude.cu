@@ -8,6 +8,7 @@
 // are integer atomics (into shared memory, then one global add per non-empty
 // bin and block): exact, so deterministic. Tie ranks: per-tile counts,
 // cub::DeviceScan over tiles, cub::BlockScan within a tile.
+#include <pyprune/cuda_launch.h>
 #include <pyprune/magnitude.h>
 
 #include <ATen/ATen.h>
@@ -211,7 +212,7 @@ void histogram_typed(const MagnitudeInputs& in, const RadixPass& pass, std::vect
   auto stream = at::cuda::getCurrentCUDAStream();
   histogram_kernel<Keys><<<static_cast<unsigned>(d.tiles), kThreads, 0, stream>>>(
       d.slots, d.count, pass, reinterpret_cast<unsigned long long*>(device_counts.data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor host = device_counts.cpu();  // waits for the kernel
   const int64_t* h = host.const_data_ptr<int64_t>();
   for (size_t i = 0; i < counts.size(); ++i) counts[i] += h[i];
@@ -226,7 +227,7 @@ void write_typed(const MagnitudeInputs& in, const MagnitudeSelection& sel, std::
   auto stream = at::cuda::getCurrentCUDAStream();
   if (sel.ties == sel.equal) {
     write_all_ties_kernel<Keys><<<grid, kThreads, 0, stream>>>(d.slots, d.count, threshold);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   // Some weights at the threshold stay: rank them in (tensor, index) order.
@@ -235,7 +236,7 @@ void write_typed(const MagnitudeInputs& in, const MagnitudeSelection& sel, std::
   at::Tensor tile_ranks = at::empty({d.tiles}, long_options);
   count_ties_kernel<Keys><<<grid, kThreads, 0, stream>>>(d.slots, d.count, threshold,
                                                           tile_counts.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
   size_t temp_bytes = 0;
   C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, tile_counts.const_data_ptr<int64_t>(),
                                                tile_ranks.data_ptr<int64_t>(), static_cast<int>(d.tiles),
@@ -247,7 +248,7 @@ void write_typed(const MagnitudeInputs& in, const MagnitudeSelection& sel, std::
                                                stream));
   write_ranked_kernel<Keys><<<grid, kThreads, 0, stream>>>(d.slots, d.count, threshold,
                                                             tile_ranks.const_data_ptr<int64_t>(), sel.ties);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void histogram_cuda(const MagnitudeInputs& in, const RadixPass& pass, std::vector<int64_t>& counts) {

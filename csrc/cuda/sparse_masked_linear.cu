@@ -6,6 +6,7 @@
 //
 // Index bounds are checked on the device (CUDA_KERNEL_ASSERT), as PyTorch's own
 // CUDA indexing ops do, instead of reading the indices back to the host.
+#include <pyprune/cuda_launch.h>
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
@@ -121,7 +122,7 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
           yt.data_ptr<scalar_t>(), M, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), in_f,
           idx.numel(), xt.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
           w.const_data_ptr<scalar_t>(), in_f, 1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return from_batch_last(yt, x, out_f);
@@ -144,7 +145,7 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, c
       gather_axpy_rows<scalar_t><<<grid_for(in_f, M, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           gxt.data_ptr<scalar_t>(), M, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), out_f,
           idx.numel(), gyt.const_data_ptr<scalar_t>(), nullptr, w.const_data_ptr<scalar_t>(), 1, in_f);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return from_batch_last(gxt, grad_y, in_f);
@@ -169,7 +170,7 @@ at::Tensor grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const
           gw.data_ptr<scalar_t>(), xt.size(1), in_f, ptr.const_data_ptr<int64_t>(),
           idx.const_data_ptr<int64_t>(), idx.numel(), gyt.const_data_ptr<scalar_t>(),
           xt.const_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return gw;

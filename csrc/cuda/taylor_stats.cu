@@ -7,6 +7,7 @@
 //   2. one block per channel that adds the segments of each example, folds
 //      the example into first/second (add_example, shared with the CPU) and
 //      reduces over examples with cub::BlockReduce.
+#include <pyprune/cuda_launch.h>
 #include <pyprune/taylor_stats.h>
 
 #include <ATen/ATen.h>
@@ -239,7 +240,7 @@ void launch_planar(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& s
     planar_partials<scalar_t, VEC, false><<<blocks_for(items), kThreads, 0, stream>>>(
         a, g, v, segment, num_segments, partial.data_ptr<acc_t>(), nullptr);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
 
   const PartialIndex index{v.channels * num_segments, num_segments, 1};
   if (plan.square_elements) {
@@ -251,7 +252,7 @@ void launch_planar(const TaylorStatsPlan& plan, at::Tensor& first, at::Tensor& s
         partial.data_ptr<acc_t>(), nullptr, index, v.batch, num_segments, overwrite,
         first.data_ptr<acc_t>(), second.data_ptr<acc_t>());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int VEC>
@@ -280,13 +281,13 @@ void launch_interleaved(const TaylorStatsPlan& plan, at::Tensor& first, at::Tens
   interleaved_partials<scalar_t, VEC><<<static_cast<unsigned>(blocks), dim3(bx, by), 0, stream>>>(
       plan.a.const_data_ptr<scalar_t>(), plan.g.const_data_ptr<scalar_t>(), v,
       rows_per_segment, num_segments, channel_tiles, partial.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
 
   const PartialIndex index{num_segments * v.channels, 1, v.channels};
   finish_channels<acc_t, false><<<v.channels, kThreads, 0, stream>>>(
       partial.data_ptr<acc_t>(), nullptr, index, v.batch, num_segments, overwrite,
       first.data_ptr<acc_t>(), second.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // 16-byte loads are used when every run (planar) or row (interleaved) starts

@@ -68,7 +68,7 @@ def resolve_device(name: str) -> torch.device:
     from .. import build_info
     if not build_info()["cuda"]:
         raise UsageError("--device cuda: this pyprune_ext was built without its CUDA kernels; rebuild with "
-                         "PYPRUNE_CUDA=1 pip install --no-build-isolation -e . (needs nvcc and a CUDA build "
+                         "PYPRUNE_CUDA=1 pip install --no-build-isolation . (needs nvcc and a CUDA build "
                          "of torch)")
     if torch.version.cuda is None:
         raise UsageError(f"--device cuda: the installed torch {torch.__version__} is a CPU-only build")

@@ -26,6 +26,7 @@ def collect() -> Dict[str, Any]:
         "built_against_torch": build["torch_version"],
         "cuda_kernels": build["cuda"],
         "cuda_arch_list": build["cuda_arch_list"] or None,
+        "cpu_only_reason": build["cpu_only_reason"] or None,
         "openmp": build["openmp"],
         "cpu_threads": torch.get_num_threads(),
         "cuda_devices": devices,
@@ -42,7 +43,8 @@ def run(args, console: Console) -> Dict[str, Any]:
         ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'}; extension built against "
                   f"{info['built_against_torch']})"),
         ("python", info["python"]),
-        ("CUDA kernels", f"compiled for {info['cuda_arch_list']}" if info["cuda_kernels"] else "not compiled"),
+        ("CUDA kernels", f"compiled for {info['cuda_arch_list']}" if info["cuda_kernels"] else
+                         "not compiled" + (f" ({info['cpu_only_reason']})" if info["cpu_only_reason"] else "")),
         ("CPU kernels", f"OpenMP, {info['cpu_threads']} threads" if info["openmp"] else "single-threaded"),
         ("CUDA devices", devices),
         ("ops", f"{len(info['ops'])}: " + ", ".join(name.rsplit('.', 1)[1] for name in info["ops"])),
