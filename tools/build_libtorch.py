@@ -1,6 +1,6 @@
 """Configure and build the CMake op library (libpyprune_ops.so) against the
 installed torch, passing what a pip-installed CUDA torch needs to configure
-(see README, "Building"). Prints the library's path.
+(see README, "Building for libtorch (C++)"). Prints the library's path.
 
     python tools/build_libtorch.py [--cuda] [--build-dir DIR] [--arch 9.0]
 """
