@@ -171,3 +171,16 @@ def test_cmake_architectures_spelling():
     assert build_libtorch.cmake_architectures("8.0;9.0") == "80;90"
     assert build_libtorch.cmake_architectures("8.0 9.0+PTX") == "80;90"
     assert build_libtorch.cmake_architectures("9.0a") == "90a"
+
+
+def test_ci_reads_the_readmes_two_commands():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from readme_commands import readme_commands
+    with open(os.path.join(ROOT, "README.md")) as f:
+        setup_and_run, setup_and_test = readme_commands(f.read())
+    assert setup_and_run.startswith("bash scripts/setup.sh && ") and "pyprune taylor" in setup_and_run
+    assert setup_and_test == "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
+    with pytest.raises(SystemExit, match="no ```bash block"):
+        readme_commands("# title\n")
+    with pytest.raises(SystemExit, match="expected two commands"):
+        readme_commands("## Two commands\n```bash\n# comment\nbash a.sh\n```\n")
