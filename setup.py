@@ -100,8 +100,9 @@ def arch_flags(arch_list: str) -> list:
 
 
 def compiled_archs(flags: list) -> str:
-    """What the -gencode flags put in the binary, as "8.0;9.0+PTX": an entry per
-    architecture, "+PTX" where its PTX is embedded too."""
+    """What torch's -gencode flags put in the binary, as "8.0;9.0+PTX": an entry
+    per architecture (torch always emits its sm_ binary), "+PTX" where its PTX
+    is embedded too."""
     binaries, ptx = set(), set()
     for flag in flags:
         match = re.fullmatch(r"-gencode=arch=compute_(\d+)([a-z]?),code=(sm|compute)_\d+[a-z]?", flag)
@@ -109,15 +110,8 @@ def compiled_archs(flags: list) -> str:
             raise ValueError(f"unexpected nvcc architecture flag {flag!r}")
         key = (int(match.group(1)[:-1]), int(match.group(1)[-1]), match.group(2))
         (binaries if match.group(3) == "sm" else ptx).add(key)
-    names = []
-    for major, minor, suffix in sorted(binaries | ptx):
-        name = f"{major}.{minor}{suffix}"
-        if (major, minor, suffix) not in binaries:
-            name = f"PTX {name}"
-        elif (major, minor, suffix) in ptx:
-            name += "+PTX"
-        names.append(name)
-    return ";".join(names)
+    return ";".join(f"{major}.{minor}{suffix}" + ("+PTX" if (major, minor, suffix) in ptx else "")
+                    for major, minor, suffix in sorted(binaries))
 
 
 def write_if_changed(path: str, text: str) -> None:
