@@ -322,8 +322,9 @@ class Splits:
 _NORMALIZE_MODES = ("default", "train", "none")
 
 
-def _resolve_size(size: Union[int, float], n: int, what: str = "val_size") -> int:
-    """An absolute count from a count or a fraction of ``n``; must leave training data."""
+def _resolve_size(size: Union[int, float], n: int, what: str = "val_size", source: Optional[Path] = None) -> int:
+    """An absolute count from a count or a fraction of ``n``; must leave training data.
+    ``source``: the file the ``n`` examples come from, named when they are too few."""
     if isinstance(size, bool) or not isinstance(size, (int, float, np.integer)):
         raise TypeError(f"{what} must be an int count or a float fraction, got {size!r}")
     if isinstance(size, float):
@@ -331,9 +332,13 @@ def _resolve_size(size: Union[int, float], n: int, what: str = "val_size") -> in
             raise ValueError(f"{what} as a fraction must be in [0, 1), got {size}")
         size = int(round(size * n))
     size = int(size)
-    if not 0 <= size < n:
-        raise ValueError(f"{what}={size} must be >= 0 and smaller than the "
-                         f"{n} examples it is taken from")
+    if size < 0:
+        raise ValueError(f"{what}={size} must be >= 0")
+    if size >= n:
+        if source is not None:
+            raise ValueError(f"{source}: {n} training images are too few to hold out {size} for validation "
+                             f"({what}) and keep at least one for training")
+        raise ValueError(f"{what}={size} must be smaller than the {n} examples it is taken from")
     return size
 
 
@@ -378,6 +383,10 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, img_path: Path, lbl_path
 
 
 def _check_labels(labels: np.ndarray, path: Path, num_classes: int) -> None:
+    # Float labels (IDX can store them) would be truncated to integers by the int64
+    # conversion, and NaN would become an arbitrary class: refuse any non-integer type.
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers (IDX type ubyte), the file stores {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"{path}: labels must lie in [0, {num_classes}), found values from "
                          f"{labels.min()} to {labels.max()}")
@@ -425,8 +434,10 @@ def load_idx_dataset(root: Optional[PathLike] = None, name: str = "fashion-mnist
     num_classes = 10
     _check_labels(y_full, files["train_labels"], num_classes)
     _check_labels(y_test, files["test_labels"], num_classes)
+    if len(x_test) == 0:  # every evaluation would fail, after the training
+        raise ValueError(f"{files['test_images']}: holds no images")
 
-    n_val = _resolve_size(val_size, len(x_full))
+    n_val = _resolve_size(val_size, len(x_full), source=files["train_images"])
     train_idx, val_idx = _holdout_indices(len(x_full), n_val, seed)
     x_train, y_train = x_full[train_idx], y_full[train_idx]
     if normalize == "default":

@@ -243,6 +243,33 @@ def test_labels_out_of_range(tmp_path):
         data.load_idx_dataset(tmp_path, "mnist", val_size=5)
 
 
+@pytest.mark.parametrize("stem, array, pattern", [
+    ("train-labels-idx1-ubyte", (np.arange(50) % 10 + 0.5).astype(np.float32),
+     r"train-labels-idx1-ubyte.gz: labels must be integers .*float32"),  # truncated to ints before
+    ("train-labels-idx1-ubyte", np.where(np.arange(50) == 7, np.nan, 1.0),
+     r"train-labels-idx1-ubyte.gz: labels must be integers .*float64"),
+    ("t10k-labels-idx1-ubyte", np.full(20, -3, np.int8), r"t10k-labels-idx1-ubyte.gz: labels must lie in .*-3"),
+    ("t10k-images-idx3-ubyte", np.zeros((20, 28, 28), np.float32), r"t10k-images-idx3-ubyte.gz: expected uint8"),
+    ("t10k-images-idx3-ubyte", np.zeros((20, 14, 14), np.uint8), r"train images are \(28, 28\) but test images "
+                                                                 r"are \(14, 14\)"),
+    ("t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), r"t10k-images-idx3-ubyte.gz: holds no images"),
+])
+def test_bad_dataset_contents_are_named(tmp_path, stem, array, pattern):
+    make_idx_dir(tmp_path)
+    if stem == "t10k-images-idx3-ubyte" and len(array) == 0:
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+    write_idx(tmp_path / f"{stem}.gz", array)
+    with pytest.raises(ValueError, match=pattern):
+        data.load_idx_dataset(tmp_path, "mnist", val_size=5)
+
+
+def test_too_few_images_for_the_validation_split_names_the_file(tmp_path):
+    make_idx_dir(tmp_path, n_train=30)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: 30 training images are too few to hold "
+                                         r"out 5000 for validation"):
+        data.load_idx_dataset(tmp_path, "mnist")
+
+
 def test_corrupt_file_in_dataset_names_it(tmp_path):
     make_idx_dir(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
