@@ -4,6 +4,7 @@ rerun without recomputation, config mismatch, late rewinding."""
 import csv
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from lottery_common import digits_run, single_thread, small_config  # noqa: F401  (autouse fixture)
 from pyprune_ext.lottery import LotteryConfig, MaskSet, RewindPoint, classification_step, count_to_prune
-from pyprune_ext.lottery.io import load_tensors
+from pyprune_ext.lottery.io import RunFileError, load_tensors
+from pyprune_ext.lottery.training import NonFiniteLossError
 
 LEVEL_FILES = {"mask.pt", "rewind.pt", "final.pt", "metrics.json", "done"}
 
@@ -164,8 +166,36 @@ def test_done_level_with_missing_file_is_an_error(tmp_path):
     config = small_config(levels=0, iterations=20)
     digits_run(tmp_path, config).run()
     (tmp_path / "level_00" / "final.pt").unlink()
-    with pytest.raises(RuntimeError, match=r"marked done but lacks \['final.pt'\]"):
+    with pytest.raises(RunFileError, match=r"marked done but lacks \['final.pt'\]"):
         digits_run(tmp_path, config).run()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", b"[]", "expected a JSON object, the file holds an array"),
+    ("config.json", b"null", "expected a JSON object, the file holds null"),
+    ("config.json", b"{}", "lacks 'levels', 'control'"),
+    ("config.json", b"\xff{}", "not UTF-8"),
+    ("level_00/metrics.json", b"{}", "lacks 'level'"),
+    ("level_00/metrics.json", b'{"level": 0, "remaining": 1, "remaining_per_layer": 3, "early_stop": null, '
+                              b'"final": null, "wall_time_s": 1, "step_time_ms": 1}', "not a level's metrics"),
+])
+def test_damaged_run_files_are_named(tmp_path, name, content, message):
+    config = small_config(levels=0, iterations=20)
+    digits_run(tmp_path, config).run()
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(RunFileError, match=message) as caught:
+        digits_run(tmp_path, config).run()
+    assert str(tmp_path / name) in str(caught.value)
+
+
+def test_a_diverging_training_stops_before_saving(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"ticket level 0: the training loss became (nan|inf) at "
+                                                 r"iteration (\d+)") as caught:
+        digits_run(tmp_path, small_config(levels=1, iterations=20, lr=1e30, checkpoint_every=1)).run()
+    diverged_at = int(re.search(r"iteration (\d+)", str(caught.value)).group(1))
+    assert not (tmp_path / "level_00" / "done").exists()
+    if diverged_at > 1:  # the last checkpoint is from before the step that diverged
+        assert load_tensors(tmp_path / "level_00" / "checkpoint.pt")["iteration"] == diverged_at - 1
 
 
 def test_config_validation():
@@ -176,3 +206,25 @@ def test_config_validation():
     with pytest.raises(ValueError, match="rewind_iteration=10 must be below"):
         LotteryConfig(iterations=10, rewind_iteration=10)
     assert LotteryConfig.from_dict(LotteryConfig(epochs=2).to_dict()) == LotteryConfig(epochs=2)
+
+
+def test_a_moved_ticket_run_and_control_resume(tmp_path):
+    """The path is not part of what a run is: a ticket run and its control moved
+    together resume at the new place without training anything again."""
+    ticket = small_config(levels=1, iterations=20)
+    control = lambda source: small_config(levels=1, iterations=20, control="random", control_source=str(source))  # noqa: E731
+    digits_run(tmp_path / "old" / "ticket", ticket).run()
+    digits_run(tmp_path / "old" / "random", control(tmp_path / "old" / "ticket")).run()
+    assert json.loads((tmp_path / "old" / "random" / "config.json").read_text())["control_source"] == \
+        os.path.join("..", "ticket")  # stored relative to the run directory
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    calls = []
+
+    def counting_step(model, batch, optimizer):
+        calls.append(1)
+        return classification_step(model, batch, optimizer)
+
+    new = tmp_path / "new"
+    digits_run(new / "ticket", ticket, train_step=counting_step).run()
+    results = digits_run(new / "random", control(new / "ticket"), train_step=counting_step).run()
+    assert calls == [] and [m["level"] for m in results] == [1]

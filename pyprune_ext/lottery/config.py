@@ -3,6 +3,12 @@
 It is saved as ``config.json`` in the run directory; rerunning in the same
 directory with a different config is an error (two runs never mix), except for
 ``levels``: asking for more levels extends a finished run, fewer stops early.
+
+Where things are is not part of what a run is: ``control_source`` is saved
+relative to the run directory and left out of the comparison, so a run directory
+copied or moved elsewhere (a control together with its ticket run, or pointed at
+the ticket run's new place) resumes. What the control's masks mean is checked on
+the source itself: its training recipe must match (see :class:`LotteryRun`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ __all__ = ["LotteryConfig", "config_differences"]
 
 _SCOPES = ("layer", "global")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
-# Fields that may differ between the saved config and a rerun in the same directory.
+# Fields that may differ between the saved config and a rerun in the same directory:
+# the number of levels (extend or stop early), and locations (a moved run resumes).
 _EXTENDABLE = ("levels",)
+_LOCATIONS = ("control_source",)
 
 
 @dataclass
@@ -167,10 +175,11 @@ class LotteryConfig:
 
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """Human-readable differences between two config dicts, ignoring ``levels``."""
+    """Human-readable differences between two config dicts, ignoring ``levels``
+    and ``control_source`` (a location, not a setting)."""
     out = []
     for key in sorted(set(saved) | set(current)):
-        if key in _EXTENDABLE:
+        if key in _EXTENDABLE or key in _LOCATIONS:
             continue
         if saved.get(key, "<absent>") != current.get(key, "<absent>"):
             out.append(f"{key}: saved {saved.get(key, '<absent>')!r}, now {current.get(key, '<absent>')!r}")

@@ -16,14 +16,20 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Dict, Sequence, Union
 
 import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "load_json", "load_tensors",
-           "save_tensors"]
+__all__ = ["RunFileError", "atomic_write", "atomic_write_json", "atomic_write_text", "load_json", "load_json_object",
+           "load_tensors", "save_tensors"]
+
+
+class RunFileError(ValueError):
+    """A file of a run directory is missing, damaged or not what it should be
+    (not valid JSON, not UTF-8, not a JSON object, a required entry missing). The
+    message names the file and says what to do."""
 
 # mkstemp creates files readable by the owner only; give run files the usual
 # permissions instead (read once at import, as os.umask can only be read by setting it).
@@ -88,9 +94,37 @@ def load_tensors(path: PathLike, map_location: Any = "cpu") -> Any:
 
 
 def load_json(path: PathLike) -> Any:
-    """Reads a JSON file, naming the file in any error."""
+    """Reads a JSON file (UTF-8), naming the file in any error: FileNotFoundError
+    when it is absent, :class:`RunFileError` (a ValueError) when it is not UTF-8
+    text or not valid JSON."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RunFileError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); the file is damaged") from err
+    except IsADirectoryError:
+        raise RunFileError(f"{path}: is a directory, not a JSON file") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise RunFileError(f"{path}: not valid JSON ({err})") from err
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {list: "an array", str: "a string", int: "a number", float: "a number"}.get(type(value), "a value")
+
+
+def load_json_object(path: PathLike, required: Sequence[str] = ()) -> Dict[str, Any]:
+    """:func:`load_json` for a file that must hold a JSON object with at least the
+    keys ``required``; anything else (``[]``, ``null``, ``{}``) is a RunFileError."""
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: expected a JSON object, the file holds {_json_kind(data)}; the file is damaged")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise RunFileError(f"{path}: lacks {', '.join(map(repr, missing))}; the file is damaged")
+    return data

@@ -23,7 +23,14 @@ train levels 1..levels on the masks of another run (``control_source``).
 
 Resume: rerunning the same command skips finished levels, reuses a level's saved
 mask, and continues an unfinished level from its checkpoint (at most one epoch
-old, see :mod:`.training`).
+old, see :mod:`.training`). A run directory is relocatable: copied or moved (a
+control together with its ticket run), it resumes at its new path.
+
+A damaged or missing run file (config.json that is not a JSON object, a level
+marked done without its files, metrics.json without its entries, a lost
+rewind_point.pt) raises :class:`~pyprune_ext.lottery.io.RunFileError` naming the
+file and what to delete; a training loss that becomes NaN or infinite raises
+:class:`~pyprune_ext.lottery.training.NonFiniteLossError`.
 
 Distributed (DDP, launched with ``torchrun``; automatic when torch.distributed is
 initialised with more than one process): every rank trains the same network
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,13 +61,14 @@ from .. import distributed as dist_utils
 from .config import LotteryConfig, config_differences
 from .controls import control_masks, random_reinit
 from .data_order import DataOrder
-from .io import PathLike, atomic_write_json, atomic_write_text, load_json, load_tensors, save_tensors
+from .io import (PathLike, RunFileError, atomic_write_json, atomic_write_text, load_json_object, load_tensors,
+                 save_tensors)
 from .masks import MaskSet
 from .metrics import early_stop, summary_csv, summary_row
 from .pruning import prune_by_magnitude
 from .rewinding import RewindPoint, model_state, rewind
 from .seeding import derive_seed, seed_everything
-from .training import Evaluate, LevelTraining, TrainStep, make_optimizer, make_scheduler
+from .training import Evaluate, LevelTraining, NonFiniteLossError, TrainStep, make_optimizer, make_scheduler
 
 __all__ = ["LotteryRun", "run_lottery"]
 
@@ -74,11 +83,25 @@ _RECIPE_FIELDS = ("seed", "rate", "rates", "output_rate", "scope", "prunable", "
                   "rewind_schedule", "rewind_data_order", "iterations", "epochs", "batch_size", "optimizer",
                   "lr", "optimizer_kwargs", "lr_milestones", "lr_gamma", "warmup_iterations")
 _LEVEL_FILES = ("mask.pt", "rewind.pt", "final.pt", "metrics.json")
+# Entries every config.json this code wrote has (a file without them is damaged,
+# not a run with other settings).
+_CONFIG_KEYS = ("levels", "control")
+# What a finished level's metrics.json must hold (summary_row reads these).
+_METRICS_KEYS = ("level", "remaining", "remaining_per_layer", "early_stop", "final", "wall_time_s", "step_time_ms")
 
 
 def _json_normalised(data: Dict[str, Any]) -> Dict[str, Any]:
     """Tuples become lists etc., as they are once read back from config.json."""
     return json.loads(json.dumps(data))
+
+
+def _relative_path(target: Path, start: Path) -> str:
+    """``target`` relative to ``start`` (absolute where no relative path exists,
+    e.g. another drive on Windows)."""
+    try:
+        return os.path.relpath(os.path.abspath(target), os.path.abspath(start))
+    except ValueError:
+        return os.path.abspath(target)
 
 
 @contextmanager
@@ -199,16 +222,26 @@ class LotteryRun:
 
     # ------------------------------------------------------------ directory
 
+    def stored_config(self) -> Dict[str, Any]:
+        """The config as config.json holds it: ``control_source`` relative to the
+        run directory, so that a control and its ticket run moved together still
+        find each other (and no absolute path ties a run to where it started)."""
+        data = _json_normalised(self.config.to_dict())
+        if self.source_dir is not None:
+            data["control_source"] = _relative_path(self.source_dir, self.run_dir)
+        return data
+
     def _prepare_dir(self) -> None:
-        """Writes config.json, or checks the saved one matches (levels may change)."""
-        current = _json_normalised(self.config.to_dict())
+        """Writes config.json, or checks the saved one matches (levels may change;
+        control_source is a location, not a setting: see :mod:`.config`)."""
+        current = self.stored_config()
         path = self.run_dir / "config.json"
-        if path.is_file():
-            saved = load_json(path)
+        if path.exists():
+            saved = load_json_object(path, _CONFIG_KEYS)
             diffs = config_differences(saved, current)
             if diffs:
                 raise ValueError(f"{self.run_dir} holds a run with a different config; use another directory "
-                                 f"(runs are never mixed). Differences:\n  " + "\n  ".join(diffs))
+                                 "(runs are never mixed). Differences: " + "; ".join(diffs))
             if saved.get("levels") != current["levels"] and self.writer:
                 atomic_write_json(path, current)
             return
@@ -225,15 +258,15 @@ class LotteryRun:
         path = self.source_dir / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"control_source {self.source_dir}: no config.json; run the tickets first")
-        source = load_json(path)
+        source = load_json_object(path, _CONFIG_KEYS)
         if source.get("control") != "none":
             raise ValueError(f"control_source {self.source_dir} is itself a control run ({source.get('control')!r})")
         mine = _json_normalised(self.config.to_dict())
         diffs = [f"{k}: source {source.get(k)!r}, control {mine.get(k)!r}" for k in _RECIPE_FIELDS
                  if source.get(k) != mine.get(k)]
         if diffs:
-            raise ValueError(f"the control's training recipe differs from its source {self.source_dir}:\n  "
-                             + "\n  ".join(diffs))
+            raise ValueError(f"the control's training recipe differs from its source {self.source_dir}: "
+                             + "; ".join(diffs))
 
     def _is_done(self, level: int, directory: Optional[Path] = None) -> bool:
         d = self.level_dir(level) if directory is None else directory / f"level_{level:02d}"
@@ -241,7 +274,7 @@ class LotteryRun:
             return False
         missing = [f for f in _LEVEL_FILES if not (d / f).is_file()]
         if missing:
-            raise RuntimeError(f"{d} is marked done but lacks {missing}; delete the folder to recompute the level")
+            raise RunFileError(f"{d} is marked done but lacks {missing}; delete the folder to recompute the level")
         if directory is None and self.writer:  # a kill between the done marker and the cleanup leaves it
             (d / "checkpoint.pt").unlink(missing_ok=True)
         return True
@@ -271,8 +304,25 @@ class LotteryRun:
     def _final_model(self, level: int, masks: MaskSet) -> nn.Module:
         """Level ``level``'s trained model (masked), from its final.pt."""
         model = masks.apply(self._new_model(0))
-        model.load_state_dict(load_tensors(self.level_dir(level) / "final.pt"), strict=True)
+        path = self.level_dir(level) / "final.pt"
+        try:
+            model.load_state_dict(load_tensors(path), strict=True)
+        except (RuntimeError, TypeError, AttributeError) as err:  # not a state_dict of this model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RunFileError(f"{path}: does not hold this model's weights ({first}); delete "
+                               f"{self.level_dir(level)} to recompute the level") from None
         return model
+
+    def _level_metrics(self, level: int) -> Dict[str, Any]:
+        """A finished level's metrics.json, checked to hold what the summary reads."""
+        path = self.level_dir(level) / "metrics.json"
+        metrics = load_json_object(path, _METRICS_KEYS)
+        try:
+            summary_row(metrics)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise RunFileError(f"{path}: not a level's metrics ({type(err).__name__}: {err}); delete "
+                               f"{self.level_dir(level)} to recompute the level") from None
+        return metrics
 
     def _compute_masks(self, level: int) -> MaskSet:
         c = self.config
@@ -322,8 +372,8 @@ class LotteryRun:
             optimizer = self._optimizer(model)
             return model, optimizer, make_scheduler(c, optimizer), self._data_order(), 0
         if not self.rewind_point_path.is_file():
-            raise RuntimeError(f"{self.rewind_point_path} is missing: the rewind point of level 0 was lost; "
-                               "rerun level 0 (delete its folder) to recreate it")
+            raise RunFileError(f"{self.rewind_point_path} is missing: the rewind point of level 0 was lost; "
+                               f"delete {self.rewind_point_path.parent / 'level_00'} and rerun to recreate it")
         point = RewindPoint.load(self.rewind_point_path)
         if c.control == "reinit":
             seed = derive_seed(c.effective_control_seed, "reinit", level)
@@ -369,8 +419,8 @@ class LotteryRun:
             if not resumed and k == 0:
                 self._capture_point(model, optimizer, scheduler, data_order, 0)
             if self.writer and trainer.iteration >= k and not self.rewind_point_path.is_file():
-                raise RuntimeError(f"{self.rewind_point_path} is missing but level 0 has passed iteration {k}; "
-                                   "delete level_00 to retrain it")
+                raise RunFileError(f"{self.rewind_point_path} is missing but level 0 has passed iteration {k}; "
+                                   f"delete {self.level_dir(0)} to retrain it")
         trainer.run()
         return model, trainer
 
@@ -419,14 +469,17 @@ class LotteryRun:
     def run_level(self, level: int) -> Dict[str, Any]:
         """Runs (or, if finished, reads) one level; returns its metrics."""
         if self._is_done(level):
-            return load_json(self.level_dir(level) / "metrics.json")
+            return self._level_metrics(level)
         started = time.perf_counter()
         masks = self._masks(level).to(self.device)
         remaining = masks.remaining().total
         name = "ticket" if self.config.control == "none" else self.config.control
         progress = f"{name} level {level} ({100 * remaining:.1f}%)" if self.progress else None
         setup = time.perf_counter() - started
-        model, trainer = self._train(level, masks, progress)
+        try:
+            model, trainer = self._train(level, masks, progress)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{name} level {level}: {err}") from None
         metrics = self._finish(level, masks, model, trainer, setup)
         if self.progress:
             self._print_level(name, metrics)
@@ -443,15 +496,14 @@ class LotteryRun:
 
     def summary(self) -> List[Dict[str, Any]]:
         """The summary rows (as in summary.csv) of the finished levels, read from disk."""
-        return [summary_row(load_json(self.level_dir(level) / "metrics.json"))
-                for level in self.levels if self._is_done(level)]
+        return [summary_row(self._level_metrics(level)) for level in self.levels if self._is_done(level)]
 
     def _write_summary(self) -> List[Dict[str, Any]]:
         rows = self.summary()
         if not self.writer:
             return rows
         atomic_write_text(self.run_dir / "summary.csv", summary_csv(rows))
-        atomic_write_json(self.run_dir / "summary.json", {"config": self.config.to_dict(), "levels": rows})
+        atomic_write_json(self.run_dir / "summary.json", {"config": self.stored_config(), "levels": rows})
         return rows
 
     def final_model(self, level: int) -> nn.Module:

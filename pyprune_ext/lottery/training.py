@@ -7,10 +7,15 @@ iteration, data position, every RNG state and the evaluations so far. A new
 LevelTraining on the same path resumes from that file, and since the data order
 and the RNGs are restored, it continues exactly as the interrupted run would
 have: a kill loses at most the steps since the last checkpoint.
+
+A training loss that is not finite (NaN or infinite: the training diverged) stops
+the level with :class:`NonFiniteLossError` before anything after it is evaluated
+or saved, so the last checkpoint keeps the weights from before the divergence.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -23,15 +28,21 @@ from ..distributed import all_reduce_sum_, world_size
 from ..optim import build_optimizer
 from .config import LotteryConfig
 from .data_order import DataOrder, fetch_batch
-from .io import load_tensors, save_tensors
+from .io import RunFileError, load_tensors, save_tensors
 from .seeding import get_rng_state, set_rng_state
 
-__all__ = ["LevelTraining", "make_optimizer", "make_scheduler", "to_device"]
+__all__ = ["LevelTraining", "NonFiniteLossError", "make_optimizer", "make_scheduler", "to_device"]
 
 _CHECKPOINT_FORMAT = "pyprune_ext.lottery.checkpoint"
 
 TrainStep = Callable[[nn.Module, Any, torch.optim.Optimizer], Any]
 Evaluate = Callable[[nn.Module, str], Dict[str, float]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the training diverged (usually a
+    learning rate too high for the model). Nothing after the step that diverged
+    was saved."""
 
 
 def make_optimizer(config: LotteryConfig, params) -> torch.optim.Optimizer:
@@ -124,6 +135,7 @@ class LevelTraining:
         self.loss_sum, self.loss_count = 0.0, 0
         self.elapsed, self.train_seconds, self.steps = 0.0, 0.0, 0
         self.resumed_from: Optional[int] = None
+        self.diverged: Optional[tuple] = None  # (iteration, loss) of the first non-finite loss
 
     # ------------------------------------------------------------ checkpoint
 
@@ -170,7 +182,13 @@ class LevelTraining:
             return False
         # Loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves
         # the model and optimizer tensors to their parameters' device.
-        self._restore(load_tensors(self.checkpoint_path))
+        state = load_tensors(self.checkpoint_path)
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, RuntimeError, IndexError) as err:  # a damaged or foreign checkpoint
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RunFileError(f"{self.checkpoint_path}: not a checkpoint of this level ({type(err).__name__}: "
+                               f"{first}); delete it to restart the level from its beginning") from None
         return True
 
     # ------------------------------------------------------------ evaluation
@@ -228,13 +246,16 @@ class LevelTraining:
                 self.iteration += 1
                 self.steps += 1
                 self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+                if not math.isfinite(loss) and self.diverged is None:
+                    self.diverged = (self.iteration, loss)
+                evaluate = self.iteration % self.eval_every == 0 or self.iteration == self.total
+                checkpoint = self.iteration % self.checkpoint_every == 0 or self.iteration == self.total
+                self._stop_if_diverged(boundary=evaluate or checkpoint)
                 if self.after_step is not None:
                     self.after_step(self.iteration)
-                record = None
-                if self.iteration % self.eval_every == 0 or self.iteration == self.total:
-                    record = self._evaluate()
+                record = self._evaluate() if evaluate else None
                 self.elapsed = elapsed_before + time.perf_counter() - started
-                if self.iteration % self.checkpoint_every == 0 or self.iteration == self.total:
+                if checkpoint:
                     self.save_checkpoint()
                 if bar is not None:
                     bar.update(1)
@@ -245,6 +266,31 @@ class LevelTraining:
                 bar.close()
         self.elapsed = elapsed_before + time.perf_counter() - started
         return self.evaluations
+
+    def _stop_if_diverged(self, boundary: bool) -> None:
+        """Raises NonFiniteLossError once a step's loss was not finite. A single
+        process stops at that step. In a distributed run each rank sees only its
+        shard's loss, and a rank stopping alone would leave the others waiting in
+        their next all-reduce: the ranks agree (one all-reduce) at each evaluation
+        and checkpoint instead, before anything is evaluated or saved, and stop
+        together."""
+        if self.sync is None:
+            if self.diverged is None:
+                return
+            iteration, loss = self.diverged
+        else:
+            if not boundary:
+                return
+            flags = [torch.tensor([0.0 if self.diverged is None else 1.0])]
+            all_reduce_sum_(flags, self.sync.group)
+            if float(flags[0]) == 0:
+                return
+            iteration, loss = self.diverged if self.diverged is not None else (None, None)
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        what = (f"the training loss became {loss} at iteration {iteration}" if iteration is not None else
+                f"another process's training loss became NaN or infinite by iteration {self.iteration}")
+        raise NonFiniteLossError(what + (f" (learning rate {lr:g})" if isinstance(lr, float) else "")
+                                 + ": the training diverged; lower the learning rate")
 
     def _bar(self):
         if self.progress is None:
