@@ -288,7 +288,7 @@ def _user_error(argv, capsys) -> str:
     (["taylor", "--target-flops", "0.5", "--channels", "3"], "not allowed with argument"),
     (["taylor", "--epochs", "1", "--iterations", "5"], "not allowed with argument"),
     (["lottery", "--rate", "1.0"], "--rate: expected a fraction strictly between 0 and 1"),
-    (["lottery", "--levels", "-1"], "--levels: expected an integer >= 0"),
+    (["lottery", "--levels", "-1"], "--levels: expected an integer from 0 to 2147483647"),
     (["lottery", "--control", "bogus"], "--control takes a comma-separated list"),
     (["taylor", "--model", "alexnet"], "invalid choice: 'alexnet'"),
     (["taylor", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fmnist"],

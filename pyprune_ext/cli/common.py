@@ -1,11 +1,15 @@
-"""Pieces every ``pyprune`` subcommand shares: the user-facing error, console
-output, device and thread checks, data and model resolution, the output folder."""
+"""Pieces every ``pyprune`` subcommand shares: the user-facing error, the option
+value types, console output, device and thread checks, data and model
+resolution, the output folder."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import inspect
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,6 +29,112 @@ MODEL_ALIASES = {"vgg11": "vgg11_bn_small"}
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one message, exit code 2."""
+
+
+# ------------------------------------------------------------------ value types
+#
+# Every option value is checked by one of these argparse ``type=`` functions, so a
+# bad value stops the command at parse time (one line, exit 2) before any data is
+# read or any training starts, and each bound lives in one place.
+
+#: Largest count an option takes (iterations, batch size, levels, ...): a 32-bit
+#: count. Nothing a run can finish needs more, and larger values overflow the C
+#: integers of torch's samplers and index math.
+MAX_COUNT = 2**31 - 1
+#: Seeds go to numpy and scikit-learn, whose seeds are 32-bit.
+MAX_SEED = 2**32 - 1
+
+
+def _number(kind, check, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):  # inf, nan, 1e309 (which float() reads as inf)
+            note = "" if "finite" in what else " (not a finite number)"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}{note}")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+FRACTION_KEPT = _number(float, lambda v: 0.0 < v < 1.0, "a fraction kept, strictly between 0 and 1 (0.5 = half)")
+RATE = _number(float, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1")
+POSITIVE_INT = _number(int, lambda v: 1 <= v <= MAX_COUNT, f"an integer from 1 to {MAX_COUNT}")
+NON_NEGATIVE_INT = _number(int, lambda v: 0 <= v <= MAX_COUNT, f"an integer from 0 to {MAX_COUNT}")
+SEED = _number(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")
+POSITIVE_FLOAT = _number(float, lambda v: 0 < v, "a finite number > 0")
+EPOCHS = _number(float, lambda v: 0 < v <= MAX_COUNT, f"a number of epochs > 0 and at most {MAX_COUNT}")
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads(text: str) -> int:
+    """``--threads``: 1 to the number of CPUs. More threads than CPUs only slow torch
+    down, and far more make OpenMP fail to start its threads (which surfaced as an
+    unrelated import error)."""
+    limit = cpu_count()
+    return _number(int, lambda v: 1 <= v <= limit, f"an integer from 1 to {limit} (the CPUs of this machine)")(text)
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def _check_creatable_in(path: Path) -> None:
+    """The folders to create for ``path`` can be created: the nearest existing
+    ancestor is a directory this user may write in."""
+    base = _first_existing(path.parent)
+    if not base.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{path}: cannot write in {base} (permission denied)")
+
+
+def output_file(text: str) -> str:
+    """A file the command will write (``--export``): checked when the options are
+    parsed, so that a path it cannot write fails before the run, not after it.
+    Missing parent folders are created; an existing file is replaced."""
+    path = Path(text).expanduser()
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file name (e.g. {path / 'model.pt'})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path}: cannot replace it (permission denied)")
+    _check_creatable_in(path)
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder the command will create or reuse (``--out``, ``bench --json-dir``)."""
+    path = Path(text).expanduser()
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder name, got ''")
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{path}: cannot write in it (permission denied)")
+        return text
+    _check_creatable_in(path)
+    return text
+
+
+output_file.__name__, output_folder.__name__, threads.__name__ = "a file to write", "a folder", "a thread count"
 
 
 class Console:
@@ -78,9 +188,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda")
 
 
-def set_threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+def set_threads(count: Optional[int]) -> None:
+    if count is not None:
+        torch.set_num_threads(count)
 
 
 # ------------------------------------------------------------------------ data
@@ -94,8 +204,10 @@ def load_splits(dataset: str, data_dir: Optional[str], seed: int) -> data_lib.Sp
                          f"{dataset} IDX files (train-images-idx3-ubyte[.gz] and the three others).")
     try:
         return data_lib.load_dataset(dataset, data_dir, seed=seed)
-    except (FileNotFoundError, data_lib.IdxFormatError) as err:
-        # The library's advice names its root= argument; on the command line that is --data-dir.
+    except (FileNotFoundError, ValueError) as err:
+        # ValueError: a corrupt file or files that disagree (IdxFormatError is one);
+        # the message names the file. The library's advice names its root= argument;
+        # on the command line that is --data-dir.
         advice = str(err).replace("pass root=<", "pass --data-dir <")
         raise UsageError(f"cannot load --dataset {dataset}: {advice}") from None
 

@@ -49,7 +49,10 @@ def export_model(model: nn.Module, example: torch.Tensor, path: Path) -> Dict[st
     model = model.eval().cpu()
     example = example.cpu()
     program, dynamic_batch = _export_program(model, example)
-    atomic_write(path, lambda f: torch.export.save(program, f))
+    try:
+        atomic_write(path, lambda f: torch.export.save(program, f))
+    except OSError as err:  # the path was checked up front; the disk may still be full or the folder gone
+        raise UsageError(f"--export {path}: cannot write it ({err.strerror or err})") from None
     loaded = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()
     with torch.no_grad():
         expected, got = model(example), loaded(example)

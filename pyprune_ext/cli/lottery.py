@@ -15,6 +15,7 @@ Output folder::
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,6 +23,7 @@ import torch
 
 from ..lottery import LotteryConfig, LotteryRun, classification_evaluator, classification_step
 from ..lottery.io import atomic_write_json
+from ..lottery.training import NonFiniteLossError
 from ..nn import unmask_model
 from . import plots
 from .common import (Console, UsageError, check_model_runs, format_table, is_writer, load_splits, model_factory,
@@ -55,17 +57,38 @@ def _config(args, device: torch.device, control: str, ticket_dir: Path) -> Lotte
         raise UsageError(str(err).replace("LotteryConfig: ", "")) from None
 
 
+def _check_export_options(args) -> None:
+    """What --export-level asks for is known before any training."""
+    if args.export_level is None:
+        return
+    if not args.export:
+        raise UsageError(f"--export-level {args.export_level} needs --export FILE (where to save the ticket)")
+    if args.export_level > args.levels:
+        raise UsageError(f"--export-level {args.export_level}: the ticket run has levels 0..{args.levels} "
+                         f"(--levels {args.levels})")
+
+
+@contextmanager
+def _run_errors(out: Path):
+    """What the lottery runs raise about their folders and their training, as one
+    line each: a damaged or missing run file (RunFileError, a ValueError, naming the
+    file), a folder holding another run, a diverged training."""
+    try:
+        yield
+    except NonFiniteLossError as err:
+        raise UsageError(f"{err} (--lr; use another --out: {out} keeps the settings it was started with)") from None
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
 def _runs(args, controls: List[str], device, splits, build, out: Path, console: Console) -> Dict[str, LotteryRun]:
     evaluate = classification_evaluator({"val": splits.val, "test": splits.test})
     runs = {}
     for variant in ["ticket"] + controls:
         control = "none" if variant == "ticket" else variant
-        try:
-            runs[variant] = LotteryRun(build, classification_step, evaluate,
-                                       _config(args, device, control, out / "ticket"), out / variant,
-                                       train_data=splits.train, progress=console.progress)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        runs[variant] = LotteryRun(build, classification_step, evaluate,
+                                   _config(args, device, control, out / "ticket"), out / variant,
+                                   train_data=splits.train, progress=console.progress)
     return runs
 
 
@@ -76,10 +99,7 @@ def _run_all(runs: Dict[str, LotteryRun], console: Console) -> Dict[str, List[Di
     results = {}
     with tqdm(total=total, desc="levels", unit="level", disable=not console.progress, dynamic_ncols=True) as bar:
         for variant, run in runs.items():
-            try:
-                run.run(on_level=lambda metrics: bar.update(1))
-            except ValueError as err:  # another run's folder, a config mismatch
-                raise UsageError(str(err)) from None
+            run.run(on_level=lambda metrics: bar.update(1))
             results[variant] = run.summary()
     return results
 
@@ -121,6 +141,7 @@ def _export(args, run: LotteryRun, example, console: Console) -> Dict[str, Any]:
 
 
 def run(args, console: Console) -> Dict[str, Any]:
+    _check_export_options(args)
     set_threads(args.threads)
     device = resolve_device(args.device)
     controls = parse_controls(args.control)
@@ -130,6 +151,11 @@ def run(args, console: Console) -> Dict[str, Any]:
     check_model_runs(build(), example, splits.num_classes)
     out = output_dir(args, "lottery")
     console.out_dir = out
+    with _run_errors(out):
+        return _run_and_report(args, controls, device, splits, build, example, out, console)
+
+
+def _run_and_report(args, controls, device, splits, build, example, out: Path, console: Console) -> Dict[str, Any]:
     runs = _runs(args, controls, device, splits, build, out, console)
     ticket = runs["ticket"]
     console.note(f"lottery: {model_label(args)} on {splits.name} {splits.sizes()} train/val/test, "

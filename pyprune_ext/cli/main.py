@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from . import launch
 from ..data import DATASETS
-from .common import Console, UsageError, default_output_dir, model_choices, preflight
+from .common import (EPOCHS, FRACTION_KEPT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, RATE, SEED, Console,
+                     UsageError, default_output_dir, model_choices, output_file, output_folder, preflight, threads)
 
 COMMANDS = {
     "taylor": "prune channels with Taylor importance, fine-tune, remove them, export",
@@ -24,32 +25,18 @@ COMMANDS = {
 }
 
 
-# ------------------------------------------------------------------ value types
-
-def _number(kind: Callable, check: Callable, what: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-FRACTION_KEPT = _number(float, lambda v: 0.0 < v < 1.0, "a fraction kept, strictly between 0 and 1 (0.5 = half)")
-RATE = _number(float, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1")
-POSITIVE_INT = _number(int, lambda v: v >= 1, "an integer >= 1")
-NON_NEGATIVE_INT = _number(int, lambda v: v >= 0, "an integer >= 0")
-POSITIVE_FLOAT = _number(float, lambda v: v > 0, "a number > 0")
-
-
 # ---------------------------------------------------------------------- parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (like every other error of the
+    command) instead of the usage text followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _shared_options() -> argparse.ArgumentParser:
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = _Parser(add_help=False)
     g = shared.add_argument_group("model and data")
     g.add_argument("--model", choices=model_choices(), help="built-in architecture")
     g.add_argument("--model-file", metavar="PATH.py:FUNCTION",
@@ -61,20 +48,22 @@ def _shared_options() -> argparse.ArgumentParser:
                                                      "/usr/share/datasets/fashion-mnist, Debian's package)")
     g = shared.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=POSITIVE_FLOAT, help="training length in epochs")
+    length.add_argument("--epochs", type=EPOCHS, help="training length in epochs")
     length.add_argument("--iterations", type=POSITIVE_INT, help="training length in minibatches")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=60, help="default 60")
     g.add_argument("--lr", type=POSITIVE_FLOAT, help="learning rate")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
-    g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="default 0")
+    g.add_argument("--seed", type=SEED, default=0, help="default 0")
     g = shared.add_argument_group("running")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    g.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's)")
+    g.add_argument("--threads", type=threads,
+                   help="CPU threads for torch, at most the number of CPUs (default: torch's)")
     g.add_argument("--nproc", type=POSITIVE_INT, default=1,
                    help="processes on this machine, via torchrun and DDP (gloo on the CPU, NCCL with one GPU each); "
                         "--batch-size stays the global batch (default 1)")
-    g.add_argument("--out", metavar="DIR", help="output folder (default pyprune-runs/<command>-<model>-"
-                                                "<dataset>-seed<seed>; rerunning reuses it)")
+    g.add_argument("--out", metavar="DIR", type=output_folder,
+                   help="output folder (default pyprune-runs/<command>-<model>-<dataset>-seed<seed>; "
+                        "rerunning reuses it)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or notes, just the summary")
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout (text goes to stderr)")
     return shared
@@ -95,8 +84,8 @@ def _taylor_parser(sub, shared) -> None:
     g.add_argument("--round-to", type=POSITIVE_INT, default=1, help="keep channel counts multiples of this")
     g.add_argument("--finetune-epochs", type=NON_NEGATIVE_INT, default=4, help="after pruning (default 4)")
     g.add_argument("--load", metavar="STATE.pt", help="start from this trained state_dict instead of training")
-    g.add_argument("--export", metavar="FILE", help="save the pruned model to load with plain torch "
-                                                    "(torch.export.load(FILE).module())")
+    g.add_argument("--export", metavar="FILE", type=output_file,
+                   help="save the pruned model to load with plain torch (torch.export.load(FILE).module())")
     p.set_defaults(model="resnet20", lr=1e-3, default_epochs=6.0)
 
 
@@ -114,8 +103,9 @@ def _lottery_parser(sub, shared) -> None:
     g.add_argument("--control", default="reinit,random", metavar="LIST",
                    help="controls run on the ticket masks: reinit, random, both (default reinit,random) or none")
     g.add_argument("--eval-every", type=POSITIVE_INT, help="iterations between evaluations (default: each epoch)")
-    g.add_argument("--export", metavar="FILE", help="save a ticket (plain torch modules, zeros in place) to load "
-                                                    "with torch.export.load(FILE).module()")
+    g.add_argument("--export", metavar="FILE", type=output_file,
+                   help="save a ticket (plain torch modules, zeros in place) to load with "
+                        "torch.export.load(FILE).module()")
     g.add_argument("--export-level", type=NON_NEGATIVE_INT, help="which level to export (default the last)")
     p.set_defaults(model="lenet300", lr=1.2e-3, default_epochs=20.0)
 
@@ -125,11 +115,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("name", nargs="?", default="all", help="taylor, masked, magnitude or all (default)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     p.add_argument("--quick", action="store_true", help="a few small cases")
-    p.add_argument("--json-dir", metavar="DIR", help="also write <DIR>/<name>.json")
+    p.add_argument("--json-dir", metavar="DIR", type=output_folder, help="also write <DIR>/<name>.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyprune", description="Taylor channel pruning and lottery tickets on custom PyTorch ops.",
         epilog="Run 'pyprune <command> --help' for a command's options.")
     from .. import __version__

@@ -41,6 +41,10 @@ _DENSE_KEYS = ("dataset", "data_dir", "model", "model_file", "seed", "epochs", "
                "lr", "optimizer")
 
 
+# What train_steps returns and dense.json keeps of the dense training.
+_TRAINING_KEYS = ("steps", "mean_loss", "seconds")
+
+
 def _target(args) -> Target:
     if args.channels is not None:
         return Target.channels(args.channels)
@@ -59,6 +63,23 @@ def _pretrain_steps(args, batches_per_epoch: int) -> int:
     return round(args.epochs * batches_per_epoch)
 
 
+def _dense_record(path: Path):
+    """dense.json's content, or None when it is damaged (not UTF-8 JSON, not an
+    object with the settings and the training statistics). It is a cache, like
+    dense.pt: a damaged one is rebuilt by training again, never an error that
+    blocks every rerun."""
+    try:
+        saved = load_json(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return None
+    training = saved.get("training")
+    if not isinstance(training, dict) or not all(isinstance(training.get(k), (int, float)) for k in _TRAINING_KEYS):
+        return None
+    return saved
+
+
 def _dense_model(args, model, trainable, train, device, out: Path, console: Console) -> Dict[str, Any]:
     """Loads --load, reuses the folder's dense.pt, or trains; returns what happened."""
     if args.load:
@@ -70,8 +91,10 @@ def _dense_model(args, model, trainable, train, device, out: Path, console: Cons
         return {"source": str(args.load), "seconds": 0.0, "steps": 0}
     settings = _dense_settings(args)
     if (out / "dense.pt").is_file() and (out / "dense.json").is_file():
-        saved = load_json(out / "dense.json")
-        if saved.get("settings") == settings:
+        saved = _dense_record(out / "dense.json")
+        if saved is None:
+            console.note(f"{out / 'dense.json'} is damaged: training again")
+        elif saved["settings"] == settings:
             try:
                 model.load_state_dict(load_tensors(out / "dense.pt", map_location=device))
                 console.note(f"reusing the dense model trained earlier: {out / 'dense.pt'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -65,7 +66,8 @@ def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     from tqdm.auto import tqdm
     model.train()
     started, loss_sum, done, status = time.perf_counter(), 0.0, 0, None
-    with tqdm(total=steps if bar_total else None, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=steps if bar_total else None, desc=desc, disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
         for inputs, labels in _batches(loader):
             if done >= steps or (stop is not None and stop()):
                 break
@@ -77,8 +79,8 @@ def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
                 status = after_backward() or status
             optimizer.step()
             value = float(loss.detach())
-            if value != value:  # NaN
-                raise UsageError(f"{desc}: the loss became NaN at step {done + 1}; lower --lr")
+            if not math.isfinite(value):  # NaN or inf: the training diverged
+                raise UsageError(f"{desc}: the loss became {value} at step {done + 1}; lower --lr")
             loss_sum, done = loss_sum + value, done + 1
             bar.update(1)
             bar.set_postfix_str(f"loss {value:.3f}" + (f", {status}" if status else ""), refresh=False)
