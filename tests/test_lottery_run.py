@@ -212,7 +212,10 @@ def test_a_moved_ticket_run_and_control_resume(tmp_path):
     """The path is not part of what a run is: a ticket run and its control moved
     together resume at the new place without training anything again."""
     ticket = small_config(levels=1, iterations=20)
-    control = lambda source: small_config(levels=1, iterations=20, control="random", control_source=str(source))  # noqa: E731
+
+    def control(source):
+        return small_config(levels=1, iterations=20, control="random", control_source=str(source))
+
     digits_run(tmp_path / "old" / "ticket", ticket).run()
     digits_run(tmp_path / "old" / "random", control(tmp_path / "old" / "ticket")).run()
     assert json.loads((tmp_path / "old" / "random" / "config.json").read_text())["control_source"] == \
