@@ -8,12 +8,15 @@
 // masked filter bank is built whole: conv weights are small next to their
 // activations, and splitting a convolution by output channels would cost an
 // extra copy of the (much larger) output.
+#include <pyprune/inplace.h>
 #include <pyprune/masked.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace pyprune {
@@ -40,6 +43,21 @@ void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& we
   }
 }
 
+void check_conv_int_args(const char* op, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  const auto check = [&](at::IntArrayRef v, const char* name, int64_t low) {
+    TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 entries, got ", v);
+    for (int64_t e : v) {
+      TORCH_CHECK(e >= low && e <= kMax, op, ": ", name, " must be in [", low, ", ", kMax, "], got ", v);
+    }
+  };
+  check(stride, "stride", 1);
+  check(padding, "padding", 0);
+  check(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1 && groups <= kMax, op, ": groups must be in [1, ", kMax, "], got ", groups);
+}
+
 void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
   TORCH_CHECK(mask.scalar_type() == at::kBool, "apply_mask: mask must be a bool tensor, got ",
               mask.scalar_type());
@@ -49,6 +67,12 @@ void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
               weight.device(), "), got ", mask.device());
 }
 
+void check_apply_mask_inplace(const at::Tensor& weight, const at::Tensor& mask) {
+  check_apply_mask(weight, mask);
+  check_writable("apply_mask_", weight, "weight");
+  check_not_aliased("apply_mask_", weight, "weight", mask, "mask");
+}
+
 at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pyprune::apply_mask", "")
@@ -56,8 +80,20 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask) {
   return op.call(weight, mask);
 }
 
+at::Tensor as_rows(const at::Tensor& t, int64_t features) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, features});
+}
+
+at::Tensor filters_2d(const at::Tensor& weight) {
+  int64_t per_filter = 1;
+  for (int64_t d = 1; d < weight.dim(); ++d) per_filter *= weight.size(d);
+  return weight.reshape({weight.size(0), per_filter});
+}
+
 at::Tensor batch_last(const at::Tensor& x, int64_t features) {
-  return x.reshape({-1, features}).t().contiguous();
+  return as_rows(x, features).t().contiguous();
 }
 
 at::Tensor from_batch_last(const at::Tensor& rows, const at::Tensor& like, int64_t last) {
@@ -80,44 +116,6 @@ void check_sparse_forward_args(const char* op, const at::Tensor& x, const at::Te
   }
 }
 
-void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
-                         const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
-                         const char* idx_name) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-d [out, in], got ", weight.sizes());
-  for (const auto* t : {&ptr, &idx}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1, op, ": ",
-                t == &ptr ? ptr_name : idx_name,
-                " must be a 1-d int64 tensor (from mask_pack), got ", t->scalar_type(), " of shape ",
-                t->sizes());
-    TORCH_CHECK(t->device() == weight.device(), op, ": ", t == &ptr ? ptr_name : idx_name,
-                " must be on weight's device");
-  }
-  TORCH_CHECK(ptr.size(0) == ptr_len, op, ": ", ptr_name, " must have ", ptr_len,
-              " entries for a weight of shape ", weight.sizes(), ", got ", ptr.size(0),
-              " (was the mask packed for another layer?)");
-}
-
-void check_packed_ends(const char* op, const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx,
-                       bool rows_first) {
-  const char* ptr_name = rows_first ? "row_ptr" : "col_ptr";
-  const char* idx_name = rows_first ? "col_idx" : "row_idx";
-  const int64_t lines = weight.size(rows_first ? 0 : 1);
-  check_packed_shapes(op, weight, ptr, idx, lines + 1, ptr_name, idx_name);
-  TORCH_CHECK(ptr.is_cpu(), op, ": ", ptr_name, " must be on the CPU here");
-  const at::Tensor p = ptr.contiguous();
-  const int64_t* data = p.const_data_ptr<int64_t>();
-  TORCH_CHECK(data[0] == 0 && data[lines] == idx.numel(), op, ": ", ptr_name, " must start at 0 and end at ",
-              idx_name, ".numel() = ", idx.numel());
-}
-
-void check_packed_rows_ok(const char* op, bool ok, const at::Tensor& weight, bool rows_first) {
-  const char* ptr_name = rows_first ? "row_ptr" : "col_ptr";
-  const char* idx_name = rows_first ? "col_idx" : "row_idx";
-  TORCH_CHECK(ok, op, ": the packed mask has entries outside their range: ", ptr_name,
-              " must be non-decreasing and every ", idx_name, " entry in [0, ", weight.size(rows_first ? 1 : 0),
-              ") (was it built by mask_pack for this layer?)");
-}
-
 namespace {
 
 // Any device: ATen's where (the CPU has a faster kernel in csrc/cpu).
@@ -128,7 +126,7 @@ at::Tensor apply_mask_generic(const at::Tensor& weight, const at::Tensor& mask) 
 
 // masked_fill_, not mul_: a pruned inf or NaN must become 0 like in apply_mask.
 void apply_mask_inplace_generic(at::Tensor& weight, const at::Tensor& mask) {
-  check_apply_mask(weight, mask);
+  check_apply_mask_inplace(weight, mask);
   weight.masked_fill_(mask.logical_not(), 0);
 }
 
@@ -139,7 +137,10 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-d [out, in/groups, kh, kw], got ",
               weight.sizes());
   check_masked_args(op, x, weight, mask, bias);
-  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": groups=", groups,
+  check_conv_int_args(op, stride, padding, dilation, groups);
+  TORCH_CHECK(weight.size(0) >= 1, op, ": weight has 0 output channels; a convolution needs at least 1 "
+              "(torch's conv2d refuses an empty filter bank too)");
+  TORCH_CHECK(weight.size(0) % groups == 0, op, ": groups=", groups,
               " must divide out_channels=", weight.size(0));
   TORCH_CHECK((x.dim() == 3 || x.dim() == 4) && x.size(-3) == weight.size(1) * groups, op,
               ": x must be [N, C, H, W] or [C, H, W] with C = ", weight.size(1) * groups,

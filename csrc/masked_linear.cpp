@@ -66,8 +66,10 @@ at::Tensor masked_linear_grad_input_one_block(const at::Tensor& grad_y, const at
 
 at::Tensor masked_linear_grad_weight_one_block(const at::Tensor& grad_y, const at::Tensor& x,
                                                const at::Tensor& mask) {
-  at::Tensor grad_w = at::mm(grad_y.reshape({-1, mask.size(0)}).t(), x.reshape({-1, mask.size(1)}));
-  return grad_w.mul_(mask);
+  at::Tensor grad_w = at::mm(as_rows(grad_y, mask.size(0)).t(), as_rows(x, mask.size(1)));
+  // masked_fill_, not mul_: a NaN at a pruned position (an inf in x or grad_y)
+  // must become the exact 0 the sparse path gives, not NaN * 0 = NaN.
+  return grad_w.masked_fill_(mask.logical_not(), 0);
 }
 
 namespace {
@@ -156,7 +158,7 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
     }
     if (ctx->needs_input_grad(1)) grad_w = call_grad_weight(grad_y, x, mask);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
-      grad_b = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);
+      grad_b = as_rows(grad_y, grad_y.size(-1)).sum(0);
     }
     return {grad_x, grad_w, at::Tensor(), grad_b};
   }

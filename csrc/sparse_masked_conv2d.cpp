@@ -10,6 +10,7 @@
 // backward: torch's convolution backward on the masked filter bank, its weight
 // gradient masked.
 #include <pyprune/masked.h>
+#include <pyprune/packed_mask.h>
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -26,7 +27,10 @@ void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Ten
   TORCH_CHECK(weight.dim() == 4 && weight.is_floating_point(), op,
               ": weight must be a 4-d floating-point tensor [out, in/groups, kh, kw], got ", weight.scalar_type(),
               " of shape ", weight.sizes());
-  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": groups=", groups,
+  check_conv_int_args(op, stride, padding, dilation, groups);
+  TORCH_CHECK(weight.size(0) >= 1, op, ": weight has 0 output channels; a convolution needs at least 1 "
+              "(torch's conv2d refuses an empty filter bank too)");
+  TORCH_CHECK(weight.size(0) % groups == 0, op, ": groups=", groups,
               " must divide out_channels=", weight.size(0));
   TORCH_CHECK(x.dim() == 4 && x.size(1) == weight.size(1) * groups, op, ": x must be [N, C, H, W] with C = ",
               weight.size(1) * groups, " channels, got ", x.sizes());
@@ -38,35 +42,16 @@ void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Ten
     TORCH_CHECK(bias->device() == weight.device() && bias->scalar_type() == weight.scalar_type(), op,
                 ": bias must match weight's dtype and device");
   }
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": stride, padding and dilation must have 2 entries each");
   for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
-                ": stride and dilation must be >= 1 and padding >= 0, got stride ", stride, ", padding ", padding,
-                ", dilation ", dilation);
     const int64_t extent = x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1);
     TORCH_CHECK(extent >= 1, op, ": the padded input ", x.sizes(), " is smaller than the dilated kernel ",
                 weight.sizes());
   }
-  const at::Tensor w2d = weight.reshape({weight.size(0), -1});
+  const at::Tensor w2d = filters_2d(weight);
   check_packed_shapes(op, w2d, row_ptr, col_idx, weight.size(0) + 1, "row_ptr", "col_idx");
 }
 
 namespace {
-
-// The bool mask [out, in/groups, kh, kw] a CSR pack describes (for the
-// backward's dense-masked formulas: derived from the pack, so forward and
-// backward cannot disagree).
-// (Symbolic sizes throughout: torch.compile traces this backward with them.)
-at::Tensor mask_from_pack(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& weight) {
-  const c10::SymInt per_row = weight.sym_numel() / weight.sym_size(0);
-  const at::Tensor rows = at::repeat_interleave_symint(at::arange(c10::Scalar(weight.sym_size(0)), row_ptr.options()),
-                                                       row_ptr.diff(), 0, col_idx.sym_numel());
-  return at::zeros_like(weight, weight.options().dtype(at::kBool))
-      .reshape({-1})
-      .index_fill_(0, rows * per_row + col_idx, true)
-      .view_as(weight);
-}
 
 using SparseConvGrad = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const at::Tensor&, at::IntArrayRef, at::IntArrayRef, int64_t);

@@ -1,10 +1,13 @@
 // Argument checks and memory-layout planning for the Taylor-statistics ops.
 // Device independent: the CPU and CUDA registrations both go through here, so
 // both backends accept and reject exactly the same inputs.
+#include <pyprune/inplace.h>
+#include <pyprune/masked.h>
 #include <pyprune/taylor_stats.h>
 
 #include <ATen/ATen.h>
 #include <ATen/WrapDimUtils.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -231,6 +234,13 @@ void channel_stats_(const at::Tensor& a, const at::Tensor& g,
   TORCH_CHECK(!first.is_same(second) && !first.is_alias_of(second),
               "taylor_channel_stats_: first and second must be different "
               "buffers");
+  const char* op = "taylor_channel_stats_";
+  for (const auto& [buf, name] : {std::pair<const at::Tensor&, const char*>{first, "first"},
+                                  std::pair<const at::Tensor&, const char*>{second, "second"}}) {
+    check_writable(op, buf, name);
+    check_not_aliased(op, buf, name, a, "a");
+    check_not_aliased(op, buf, name, g, "g");
+  }
   if (first.is_contiguous() && second.is_contiguous()) {
     run(plan, first, second, /*overwrite=*/false, accumulate);
     return;
@@ -249,6 +259,42 @@ std::tuple<at::Tensor, at::Tensor> weight_stats(const at::Tensor& w,
   auto [first, second] = new_stats(plan);
   run(plan, first, second, /*overwrite=*/true, accumulate);
   return {first, second};
+}
+
+namespace {
+
+// taylor_channel_stats_'s in-place bookkeeping (pyprune/inplace.h): the
+// accumulators are buffers; one that requires grad is refused under grad mode.
+using ChannelStatsInplace = void(const at::Tensor&, const at::Tensor&, at::Tensor, at::Tensor, int64_t);
+
+void channel_stats_inplace_autograd(const at::Tensor& a, const at::Tensor& g, at::Tensor first,
+                                    at::Tensor second, int64_t channel_dim) {
+  refuse_grad_inplace("taylor_channel_stats_", first, "first");
+  refuse_grad_inplace("taylor_channel_stats_", second, "second");
+  static const auto op = find_op<ChannelStatsInplace>("pyprune::taylor_channel_stats_");
+  at::AutoDispatchBelowAutograd below_autograd;
+  op.call(a, g, first, second, channel_dim);
+}
+
+void channel_stats_inplace_version(const at::Tensor& a, const at::Tensor& g, at::Tensor first,
+                                   at::Tensor second, int64_t channel_dim) {
+  static const auto op = find_op<ChannelStatsInplace>("pyprune::taylor_channel_stats_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(a, g, first, second, channel_dim);
+  }
+  bump_version(first);
+  bump_version(second);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
+  m.impl("taylor_channel_stats_", &channel_stats_inplace_autograd);
+}
+
+TORCH_LIBRARY_IMPL(pyprune, ADInplaceOrView, m) {
+  m.impl("taylor_channel_stats_", &channel_stats_inplace_version);
 }
 
 }  // namespace pyprune

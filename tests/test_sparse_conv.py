@@ -152,7 +152,7 @@ def test_sparse_conv2d_bad_input():
     conv = lambda *a, **k: pp.sparse_masked_conv2d(*a, **{**args, **k})  # noqa: E731
     with pytest.raises(RuntimeError, match="was the mask packed for another layer"):
         conv(x, w, pp.mask_pack(torch.ones(5, 27, dtype=torch.bool)), b)
-    with pytest.raises(RuntimeError, match=r"col_idx entry in \[0, 27\)"):
+    with pytest.raises(RuntimeError, match=r"col_idx\[0\] = 31 \(row 0\) is outside \[0, 27\)"):
         conv(x, w, packed._replace(col_idx=packed.col_idx + 27), b)
     with pytest.raises(RuntimeError, match="float32 and float64"):
         conv(x.half(), w.half(), packed, b.half())
@@ -162,7 +162,7 @@ def test_sparse_conv2d_bad_input():
         conv(x[0], w, packed, b)
     with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
         conv(x[:, :, :1, :1], w, packed, b, padding=0)
-    with pytest.raises(RuntimeError, match="stride and dilation must be >= 1"):
+    with pytest.raises(RuntimeError, match=r"(stride|dilation) must be in \[1, "):
         conv(x, w, packed, b, stride=0)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         conv(x, w, packed, b[:2])

@@ -95,7 +95,7 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t blocks = blockable(weight) ? block_count(out_f, in_f * weight.element_size()) : 1;
   if (blocks == 1) return masked_linear_one_block(x, weight, mask, bias);
 
-  const at::Tensor x2d = x.reshape({-1, in_f}).contiguous();
+  const at::Tensor x2d = as_rows(x, in_f).contiguous();
   const at::Tensor w = weight.contiguous(), m = mask.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor y2d = at::empty({x2d.size(0), out_f}, x.options());
@@ -127,7 +127,7 @@ at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tens
   const int64_t blocks = blockable(weight) ? block_count(in_f, out_f * weight.element_size()) : 1;
   if (blocks == 1) return masked_linear_grad_input_one_block(grad_y, weight, mask);
 
-  const at::Tensor gy2d = grad_y.reshape({-1, out_f}).contiguous();
+  const at::Tensor gy2d = as_rows(grad_y, out_f).contiguous();
   const at::Tensor w = weight.contiguous(), m = mask.contiguous();
   at::Tensor gx2d = at::empty({gy2d.size(0), in_f}, grad_y.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "masked_linear_grad_input_cpu", [&] {
@@ -153,7 +153,7 @@ at::Tensor masked_linear_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
   if (!floating) return masked_linear_grad_weight_one_block(grad_y, x, mask);
   const int64_t blocks = block_count(out_f, in_f * x.element_size());
 
-  const at::Tensor gy2d = grad_y.reshape({-1, out_f}).contiguous(), x2d = x.reshape({-1, in_f}).contiguous();
+  const at::Tensor gy2d = as_rows(grad_y, out_f).contiguous(), x2d = as_rows(x, in_f).contiguous();
   const at::Tensor m = mask.contiguous();
   if (blocks == 1) {  // one multi-threaded GEMM, then the in-place masking pass
     at::Tensor grad_w = at::mm(gy2d.t(), x2d);

@@ -21,6 +21,8 @@
 #include <pyprune/cpu_clones.h>
 #include <pyprune/cpu_vec.h>
 #include <pyprune/masked.h>
+#include <pyprune/masked_nonfinite.h>
+#include <pyprune/packed_mask.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -182,7 +184,9 @@ struct PhaseImage {
   }
 };
 
-// acc[e][k] += g[0:lanes) (times *keep if given) * x_planes[e][x_offset + 0:lanes)
+// acc[e][k] += g[0:lanes) * x_planes[e][x_offset + 0:lanes), only in the lanes
+// where *keep is nonzero if given. The other products are selected away, not
+// multiplied by 0: an inf in a lane already summed would give 0 * inf = NaN.
 template <typename scalar_t, int E>
 C10_ALWAYS_INLINE void dot_vector(typename Vec32<scalar_t>::type (&acc)[E][2], int k, const scalar_t* g,
                                   const scalar_t* const* x_planes, int64_t x_offset,
@@ -190,11 +194,11 @@ C10_ALWAYS_INLINE void dot_vector(typename Vec32<scalar_t>::type (&acc)[E][2], i
   using vec = typename Vec32<scalar_t>::type;
   vec gv;
   std::memcpy(&gv, g, sizeof(vec));
-  if (keep) gv *= *keep;
   for (int e = 0; e < E; ++e) {
     vec xv;
     std::memcpy(&xv, x_planes[e] + x_offset, sizeof(vec));
-    acc[e][k] += gv * xv;
+    const vec product = gv * xv;
+    acc[e][k] += keep ? (*keep != 0 ? product : vec{}) : product;
   }
 }
 
@@ -285,23 +289,26 @@ struct ConvGeometry {
         dw(dilation[1]) {
     OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
     OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+    // A stride that leaves one output row (column) plays no part: stride 1
+    // reads the same inputs without a phase split per stride step (a huge
+    // stride would otherwise size the phase layout by stride^2).
+    if (OH == 1) sh = 1;
+    if (OW == 1) sw = 1;
   }
 };
 
 // Calls visit(o, p, c, ty, tx) for every kept weight (CSR entry p of output
 // channel o: input channel c, tap (ty, tx)), channels in order. Returns false
-// at the first channel whose ptr entries are out of order or whose indices are
-// outside [0, K).
+// at the first channel that fails packed_line_ok (ptr entries out of order,
+// indices outside [0, K) or not increasing).
 template <typename Visit>
 bool for_each_kept(const ConvGeometry& g, const int64_t* ptr, const int64_t* idx, int64_t nnz, const Visit& visit) {
   const int64_t per_group = g.O / g.groups, c_per_group = g.C / g.groups;
   for (int64_t o = 0; o < g.O; ++o) {
-    const int64_t p0 = ptr[o], p1 = ptr[o + 1];
-    if (p0 < 0 || p1 < p0 || p1 > nnz) return false;
+    if (!packed_line_ok(ptr, idx, o, nnz, g.K)) return false;
     const int64_t c_base = (o / per_group) * c_per_group;
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p = ptr[o]; p < ptr[o + 1]; ++p) {
       const int64_t k = idx[p];
-      if (k < 0 || k >= g.K) return false;
       visit(o, p, c_base + k / (g.kh * g.kw), (k / g.kw) % g.kh, k % g.kw);
     }
   }
@@ -352,11 +359,6 @@ void check_cpu_sparse_conv_dtype(const char* op, const at::Tensor& weight) {
               ": the CPU sparse path supports float32 and float64, got ", weight.scalar_type());
 }
 
-void check_kept_ok(const char* op, bool ok, int64_t K) {
-  TORCH_CHECK(ok, op, ": the packed mask has entries outside their range: row_ptr must be non-decreasing and "
-              "every col_idx entry in [0, ", K, ") (was it built by mask_pack(mask.view(out, -1)) for this layer?)");
-}
-
 at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_ptr,
                                     const at::Tensor& col_idx, const std::optional<at::Tensor>& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -364,7 +366,7 @@ at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
   const char* op = "sparse_masked_conv2d";
   check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
   check_cpu_sparse_conv_dtype(op, weight);
-  check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
+  check_packed_ends(op, filters_2d(weight), row_ptr, col_idx, /*rows_first=*/true);
   const ConvGeometry g(x, weight, stride, padding, dilation, groups);
   at::Tensor y = at::empty({g.N, g.O, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
@@ -389,7 +391,8 @@ at::Tensor sparse_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
     direct_conv(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), conv, e,
                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr);
   });
-  check_kept_ok(op, ok, g.K);
+  check_packed_lines_ok(op, ok, row_ptr, col_idx, g.K, /*rows_first=*/true);
+  nonfinite_like_dense_conv2d(y, x, weight, row_ptr, col_idx, stride, padding, dilation, groups);
   return y;
 }
 
@@ -407,7 +410,7 @@ ConvGeometry checked_backward(const char* op, const at::Tensor& grad_y, const at
                               at::IntArrayRef dilation, int64_t groups) {
   check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
   check_cpu_sparse_conv_dtype(op, weight);
-  check_packed_ends(op, weight.reshape({weight.size(0), -1}), row_ptr, col_idx, /*rows_first=*/true);
+  check_packed_ends(op, filters_2d(weight), row_ptr, col_idx, /*rows_first=*/true);
   const ConvGeometry g(x, weight, {1, 1}, padding, dilation, groups);
   check_sparse_backward_geometry(op, g);
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}) && grad_y.scalar_type() == x.scalar_type(),
@@ -452,7 +455,8 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tens
     });
     direct_conv(gx.data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), conv, e, static_cast<const scalar_t*>(nullptr));
   });
-  check_kept_ok(op, ok, g.K);
+  check_packed_lines_ok(op, ok, row_ptr, col_idx, g.K, /*rows_first=*/true);
+  nonfinite_like_dense_conv2d_grad_input(gx, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
   return gx;
 }
 
@@ -486,7 +490,7 @@ at::Tensor sparse_conv2d_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
     plane[q] = c;
     tap[q] = ty * g.kw + tx;
   });
-  check_kept_ok(op, ok, g.K);
+  check_packed_lines_ok(op, ok, row_ptr, col_idx, g.K, /*rows_first=*/true);
   std::vector<TapGroup> tap_groups;
   std::vector<int64_t> group_ptr(g.O + 1, 0);
   std::vector<std::vector<int64_t>> by_tap(g.kh * g.kw);
@@ -529,6 +533,7 @@ at::Tensor sparse_conv2d_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
       }
     });
   });
+  nonfinite_like_dense_conv2d_grad_weight(gw, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
   return gw;
 }
 

@@ -18,6 +18,8 @@
 #include <pyprune/cpu_memory.h>
 #include <pyprune/cpu_vec.h>
 #include <pyprune/masked.h>
+#include <pyprune/masked_nonfinite.h>
+#include <pyprune/packed_mask.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -67,21 +69,6 @@ C10_ALWAYS_INLINE scalar_t dot_body(const scalar_t* __restrict a, const scalar_t
   for (int64_t k = 0; k < lanes; ++k) s += acc[k];
   for (; m < len; ++m) s += a[m] * b[m];
   return s;
-}
-
-// Whether row r of a packed index can be read safely: its ptr entries are
-// ordered within [0, nnz] and its indices within [0, limit). Checked per row
-// right before the row is used (its indices are then in cache for the real
-// work), which replaces whole-array validation passes that cost up to a fifth
-// of a sparse product at low density. The unsigned compare also catches
-// negative indices; `&=` instead of an early exit keeps the loop vectorised.
-C10_ALWAYS_INLINE bool row_in_range(const int64_t* ptr, const int64_t* idx, int64_t r, int64_t nnz,
-                                    int64_t limit) {
-  const int64_t p0 = ptr[r], p1 = ptr[r + 1];
-  if (p0 < 0 || p1 < p0 || p1 > nnz) return false;
-  bool ok = true;
-  for (int64_t p = p0; p < p1; ++p) ok &= static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(limit);
-  return ok;
 }
 
 // One output line for W = V * lanes batch rows: out[0:W) = init + sum over
@@ -141,13 +128,13 @@ C10_ALWAYS_INLINE void tile_lines_body(scalar_t* out, const scalar_t* tile, int6
 // vals[p - ptr[begin]] = w[line * w_row + idx[p] * w_idx] for the kept entries
 // of lines [begin, end): the values of a chunk of lines, gathered once and
 // reused for every batch tile. Returns false, leaving the rest undone, at the
-// first line whose index entries are out of range (see row_in_range).
+// first line whose index entries are out of range (see packed_line_ok).
 template <typename scalar_t>
 C10_ALWAYS_INLINE bool gather_values_body(scalar_t* vals, int64_t begin, int64_t end, const int64_t* ptr,
                                           const int64_t* idx, int64_t nnz, int64_t idx_limit, const scalar_t* w,
                                           int64_t w_row, int64_t w_idx) {
   for (int64_t line = begin; line < end; ++line) {
-    if (!row_in_range(ptr, idx, line, nnz, idx_limit)) return false;
+    if (!packed_line_ok(ptr, idx, line, nnz, idx_limit)) return false;
     const scalar_t* wr = w + line * w_row;
     scalar_t* v = vals + (ptr[line] - ptr[begin]);
     for (int64_t p = ptr[line]; p < ptr[line + 1]; ++p) v[p - ptr[line]] = wr[idx[p] * w_idx];
@@ -266,7 +253,7 @@ C10_ALWAYS_INLINE bool sampled_dots_body(scalar_t* out, int64_t begin, int64_t e
                                          const scalar_t* a, const scalar_t* b) {
   constexpr int64_t lanes = 32 / sizeof(scalar_t);
   for (int64_t r = begin; r < end; ++r) {
-    if (!row_in_range(ptr, idx, r, nnz, K)) return false;
+    if (!packed_line_ok(ptr, idx, r, nnz, K)) return false;
     scalar_t* row = out + r * K;
     std::fill(row, row + K, scalar_t(0));
     int64_t p = ptr[r];
@@ -445,17 +432,19 @@ at::Tensor sparse_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& bias) {
   const char* op = "sparse_masked_linear";
   check_packed_ends(op, weight, row_ptr, col_idx, /*rows_first=*/true);
-  // The CSC half is only used by grad_input, which validates it there.
-  check_packed_shapes(op, weight, col_ptr, row_idx, weight.size(1) + 1, "col_ptr", "row_idx");
+  // The CSC half is read only by grad_input, but must describe the mask the
+  // forward uses: a stale or foreign half would give a wrong gradient.
+  check_packed_halves_agree(op, weight, row_ptr, col_idx, col_ptr, row_idx);
   check_cpu_dtype(op, weight);
   check_sparse_forward_args(op, x, weight, bias);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  const at::Tensor x_rows = x.reshape({-1, in_f}).contiguous();
+  const at::Tensor x_rows = as_rows(x, in_f).contiguous();
   at::Tensor y = at::empty({x_rows.size(0), out_f}, x.options());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool in_range =
       sparse_product(y, x_rows, row_ptr.contiguous(), col_idx.contiguous(), weight.contiguous(), in_f, 1, b);
-  check_packed_rows_ok(op, in_range, weight, /*rows_first=*/true);
+  check_packed_lines_ok(op, in_range, row_ptr, col_idx, in_f, /*rows_first=*/true);
+  nonfinite_like_dense_linear(y, x_rows, weight, row_ptr, col_idx);
   return with_leading_dims(y, x, out_f);
 }
 
@@ -467,11 +456,12 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out_f, op,
               ": grad_y's last dim must be out_features = ", out_f);
-  const at::Tensor gy_rows = grad_y.to(weight.scalar_type()).reshape({-1, out_f}).contiguous();
+  const at::Tensor gy_rows = as_rows(grad_y.to(weight.scalar_type()), out_f).contiguous();
   at::Tensor gx = at::empty({gy_rows.size(0), in_f}, weight.options());
   const bool in_range = sparse_product(gx, gy_rows, col_ptr.contiguous(), row_idx.contiguous(),
                                        weight.contiguous(), 1, in_f, at::Tensor());
-  check_packed_rows_ok(op, in_range, weight, /*rows_first=*/false);
+  check_packed_lines_ok(op, in_range, col_ptr, row_idx, out_f, /*rows_first=*/false);
+  nonfinite_like_dense_linear_grad_input(gx, gy_rows, weight, col_ptr, row_idx);
   return with_leading_dims(gx, grad_y, in_f);
 }
 
@@ -483,8 +473,8 @@ at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   TORCH_CHECK(grad_y.dim() >= 1 && x.dim() >= 1 && grad_y.size(-1) == out_f && x.size(-1) == in_f, op,
               ": grad_y and x must end in out_features and in_features");
-  const at::Tensor gy_rows = grad_y.to(weight.scalar_type()).reshape({-1, out_f}).contiguous();
-  const at::Tensor x_rows = x.to(weight.scalar_type()).reshape({-1, in_f}).contiguous();
+  const at::Tensor gy_rows = as_rows(grad_y.to(weight.scalar_type()), out_f).contiguous();
+  const at::Tensor x_rows = as_rows(x.to(weight.scalar_type()), in_f).contiguous();
   TORCH_CHECK(gy_rows.size(0) == x_rows.size(0), op, ": grad_y and x must have the same number of rows");
   // Batch-last copies [features, M rounded up to a vector]: every kept weight's
   // gradient is then one contiguous dot product (the zero padding adds exact zeros).
@@ -506,7 +496,7 @@ at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
       }
     });
   });
-  check_packed_rows_ok(op, in_range, weight, /*rows_first=*/true);
+  check_packed_lines_ok(op, in_range, row_ptr, col_idx, in_f, /*rows_first=*/true);
   return gw;
 }
 

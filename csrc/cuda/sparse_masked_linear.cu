@@ -4,10 +4,13 @@
 // accumulation); the kept weight and its index are the same for the whole
 // block (broadcast loads), the activations are read coalesced along m.
 //
-// Index bounds are checked on the device (CUDA_KERNEL_ASSERT), as PyTorch's own
-// CUDA indexing ops do, instead of reading the indices back to the host.
+// Index bounds and order are checked on the device (CUDA_KERNEL_ASSERT), as
+// PyTorch's own CUDA indexing ops do, instead of reading the indices back to
+// the host; so is the agreement of the two halves (checksums, _assert_async).
 #include <pyprune/cuda_launch.h>
 #include <pyprune/masked.h>
+#include <pyprune/masked_nonfinite.h>
+#include <pyprune/packed_mask.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -48,7 +51,7 @@ gather_axpy_rows(scalar_t* __restrict__ out, int64_t M, const int64_t* __restric
   acc_t acc = init ? static_cast<acc_t>(init[r]) : acc_t(0);
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = idx[p];
-    CUDA_KERNEL_ASSERT(c >= 0 && c < idx_limit);
+    CUDA_KERNEL_ASSERT(c >= 0 && c < idx_limit && (p == begin || idx[p - 1] < c));
     acc += static_cast<acc_t>(wr[c * w_idx]) * static_cast<acc_t>(src[c * M + m]);
   }
   out[r * M + m] = static_cast<scalar_t>(acc);
@@ -70,7 +73,7 @@ sampled_dots(scalar_t* __restrict__ out, int64_t M, int64_t K, const int64_t* __
   CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= nnz);
   for (int64_t p = begin + warp; p < end; p += kWarps) {
     const int64_t c = idx[p];
-    CUDA_KERNEL_ASSERT(c >= 0 && c < K);
+    CUDA_KERNEL_ASSERT(c >= 0 && c < K && (p == begin || idx[p - 1] < c));
     acc_t s = 0;
     for (int64_t m = lane; m < M; m += 32) {
       s += static_cast<acc_t>(a[r * M + m]) * static_cast<acc_t>(b[c * M + m]);
@@ -79,6 +82,48 @@ sampled_dots(scalar_t* __restrict__ out, int64_t M, int64_t K, const int64_t* __
     if (lane == 0) out[r * K + c] = static_cast<scalar_t>(s);
     __syncwarp();
   }
+}
+
+// *sum += the packed_entry_hash of every entry of one half, one thread per line.
+__global__ void packed_checksum(unsigned int* sum, const int64_t* __restrict__ ptr,
+                                const int64_t* __restrict__ idx, int64_t lines, int64_t nnz, int64_t limit,
+                                bool rows_first, int64_t in) {
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= lines) return;
+  CUDA_KERNEL_ASSERT(packed_line_ok(ptr, idx, r, nnz, limit));
+  uint32_t h = 0;
+  for (int64_t p = ptr[r]; p < ptr[r + 1]; ++p) {
+    h += rows_first ? packed_entry_hash(r, idx[p], in) : packed_entry_hash(idx[p], r, in);
+  }
+  if (h != 0) atomicAdd(sum, static_cast<unsigned int>(h));
+}
+
+// The CUDA side of check_packed_halves_agree: both halves validated and their
+// checksums compared on the device, without a host sync.
+void check_halves_agree_cuda(const char* op, const at::Tensor& weight, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx) {
+  const int64_t out_f = weight.size(0), in_f = weight.size(1), nnz = col_idx.numel();
+  TORCH_CHECK(nnz == row_idx.numel(), op, ": the CSR half has ", nnz, " entries and the CSC half ",
+              row_idx.numel(), ": they must describe the same mask (pack both with one mask_pack call)");
+  at::Tensor sums = at::zeros({2}, row_ptr.options().dtype(at::kInt));  // two uint32 sums, wrapping
+  auto* sum = reinterpret_cast<unsigned int*>(sums.data_ptr<int32_t>());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const at::Tensor cp = col_ptr.contiguous(), ri = row_idx.contiguous();
+  const unsigned threads = 256;
+  if (out_f > 0) {
+    packed_checksum<<<static_cast<unsigned>((out_f + threads - 1) / threads), threads, 0, stream>>>(
+        sum, rp.const_data_ptr<int64_t>(), ci.const_data_ptr<int64_t>(), out_f, nnz, in_f, true, in_f);
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (in_f > 0) {
+    packed_checksum<<<static_cast<unsigned>((in_f + threads - 1) / threads), threads, 0, stream>>>(
+        sum + 1, cp.const_data_ptr<int64_t>(), ri.const_data_ptr<int64_t>(), in_f, nnz, out_f, false, in_f);
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::_assert_async(sums[0] == sums[1],
+                    "sparse_masked_linear: the CSR half (row_ptr, col_idx) and the CSC half (col_ptr, row_idx) "
+                    "describe different masks (pack both halves with one mask_pack call)");
 }
 
 void check_cuda_args(const char* op, const at::Tensor& weight, const at::Tensor& x, int64_t features) {
@@ -110,6 +155,9 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
   check_cuda_args(op, weight, x, in_f);
   const bool has_bias = bias.has_value() && bias->defined();
   const c10::cuda::CUDAGuard guard(weight.device());
+  // The CSC half is read only by grad_input, but must describe the mask the
+  // forward uses: a stale or foreign half would give a wrong gradient.
+  check_halves_agree_cuda(op, weight, row_ptr, col_idx, col_ptr, row_idx);
   const at::Tensor xt = batch_last(x, in_f);
   const int64_t M = xt.size(1);
   const at::Tensor w = weight.contiguous();
@@ -125,7 +173,9 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
       PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return from_batch_last(yt, x, out_f);
+  at::Tensor y = from_batch_last(yt, x, out_f);
+  nonfinite_like_dense_linear(y, x, weight, row_ptr, col_idx);  // one host sync (see masked_nonfinite.h)
+  return y;
 }
 
 at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& col_ptr,
@@ -148,7 +198,9 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, c
       PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return from_batch_last(gxt, grad_y, in_f);
+  at::Tensor gx = from_batch_last(gxt, grad_y, in_f);
+  nonfinite_like_dense_linear_grad_input(gx, grad_y, weight, col_ptr, row_idx);
+  return gx;
 }
 
 at::Tensor grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,

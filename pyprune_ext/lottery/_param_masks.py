@@ -32,11 +32,12 @@ def _rezero(optimizer, args, kwargs) -> None:
             if entry is None or entry[0]() is not param:
                 continue
             mask = entry[1]
-            with torch.no_grad():
-                param.mul_(mask)
+            pruned = mask == 0
+            with torch.no_grad():  # masked_fill_, not mul_: a pruned inf or NaN must become 0
+                param.masked_fill_(pruned, 0)
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
-                        value.mul_(mask)
+                        value.masked_fill_(pruned, 0)
 
 
 def _forget(key: int) -> None:

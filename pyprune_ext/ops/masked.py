@@ -20,6 +20,7 @@ Two paths compute the same function, ``y = x @ (weight * mask)^T + bias``:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -45,7 +46,7 @@ def mask_pack(mask: Tensor) -> PackedMask:
     [out, in/groups * kh * kw]). Do it once per mask change and reuse the
     result across steps."""
     if isinstance(mask, Tensor) and mask.dim() > 2:
-        mask = mask.reshape(mask.shape[0], -1)
+        mask = mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))  # not -1: also for 0 rows
     return PackedMask(*torch.ops.pyprune.mask_pack.default(mask))
 
 
@@ -111,8 +112,18 @@ def masked_tile_bytes(bytes: int = 0) -> int:
 # Fake kernels (masked_conv2d is composite: it needs none).
 
 
+def _check_devices(op, weight, **tensors):
+    """Every tensor on weight's device. Also what stops a CPU weight paired with a
+    meta mask: the meta tensor routes the call here, to the fake kernel."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == weight.device,
+                         lambda: f"{op}: {name} must be on weight's device ({weight.device}), got {t.device}")
+
+
 @torch.library.register_fake("pyprune::apply_mask")
 def _apply_mask_fake(weight, mask):
+    _check_devices("apply_mask", weight, mask=mask)
     torch._check(mask.dtype == torch.bool, lambda: f"apply_mask: mask must be a bool tensor, got {mask.dtype}")
     torch._check(mask.shape == weight.shape,
                  lambda: f"apply_mask: mask must have weight's shape {list(weight.shape)}, got {list(mask.shape)}")
@@ -120,6 +131,7 @@ def _apply_mask_fake(weight, mask):
 
 
 def _check_masked_linear_fake(op, x, weight, mask, bias):
+    _check_devices(op, weight, x=x, mask=mask, bias=bias)
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-d [out, in], got {list(weight.shape)}")
     torch._check(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor, got {mask.dtype}")
     torch._check(mask.shape == weight.shape,
@@ -140,6 +152,7 @@ def _masked_linear_fake(x, weight, mask, bias=None):
 
 @torch.library.register_fake("pyprune::masked_linear_grad_input")
 def _masked_linear_grad_input_fake(grad_y, weight, mask):
+    _check_devices("masked_linear_grad_input", weight, grad_y=grad_y, mask=mask)
     torch._check(grad_y.dim() >= 1 and grad_y.shape[-1] == weight.shape[0],
                  lambda: f"masked_linear_grad_input: grad_y's last dim must be out_features = {weight.shape[0]}")
     return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
@@ -147,6 +160,7 @@ def _masked_linear_grad_input_fake(grad_y, weight, mask):
 
 @torch.library.register_fake("pyprune::masked_linear_grad_weight")
 def _masked_linear_grad_weight_fake(grad_y, x, mask):
+    _check_devices("masked_linear_grad_weight", mask, grad_y=grad_y, x=x)
     torch._check(mask.dim() == 2 and grad_y.shape[-1] == mask.shape[0] and x.shape[-1] == mask.shape[1],
                  lambda: "masked_linear_grad_weight: grad_y, x and mask shapes do not match")
     return x.new_empty(mask.shape)
@@ -168,6 +182,7 @@ def _mask_pack_fake(mask):
 
 
 def _check_packed_fake(op, weight, ptr, idx, ptr_len, ptr_name):
+    _check_devices(op, weight, **{ptr_name: ptr, "the packed indices": idx})
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-d [out, in], got {list(weight.shape)}")
     torch._check(ptr.dtype == torch.long and idx.dtype == torch.long and ptr.dim() == 1 and idx.dim() == 1,
                  lambda: f"{op}: the packed mask must be 1-d int64 tensors (from mask_pack)")
@@ -178,6 +193,7 @@ def _check_packed_fake(op, weight, ptr, idx, ptr_len, ptr_name):
 @torch.library.register_fake("pyprune::sparse_masked_linear")
 def _sparse_masked_linear_fake(x, weight, row_ptr, col_idx, col_ptr, row_idx, bias=None):
     op = "sparse_masked_linear"
+    _check_devices(op, weight, x=x, bias=bias)
     _check_packed_fake(op, weight, row_ptr, col_idx, weight.shape[0] + 1, "row_ptr")
     _check_packed_fake(op, weight, col_ptr, row_idx, weight.shape[1] + 1, "col_ptr")
     torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
@@ -189,6 +205,7 @@ def _sparse_masked_linear_fake(x, weight, row_ptr, col_idx, col_ptr, row_idx, bi
 def _sparse_masked_conv2d_fake(x, weight, row_ptr, col_idx, bias=None, stride=(1, 1), padding=(0, 0),
                                dilation=(1, 1), groups=1):
     op = "sparse_masked_conv2d"
+    _check_devices(op, weight, x=x, bias=bias)
     torch._check(weight.dim() == 4, lambda: f"{op}: weight must be 4-d [out, in/groups, kh, kw], got {list(weight.shape)}")
     out = weight.shape[0]
     torch._check(x.dim() == 4 and x.shape[1] == weight.shape[1] * groups,
@@ -200,6 +217,7 @@ def _sparse_masked_conv2d_fake(x, weight, row_ptr, col_idx, bias=None, stride=(1
 
 
 def _sparse_conv2d_grad_fake(op, grad_y, x, weight, row_ptr, col_idx):
+    _check_devices(op, weight, grad_y=grad_y, x=x)
     torch._check(weight.dim() == 4 and x.dim() == 4 and grad_y.dim() == 4,
                  lambda: f"{op}: grad_y, x and weight must be 4-d")
     _check_packed_fake(op, weight.reshape(weight.shape[0], -1), row_ptr, col_idx, weight.shape[0] + 1, "row_ptr")
@@ -219,12 +237,14 @@ def _sparse_conv2d_grad_weight_fake(grad_y, x, weight, row_ptr, col_idx, padding
 
 @torch.library.register_fake("pyprune::sparse_masked_linear_grad_input")
 def _grad_input_fake(grad_y, weight, col_ptr, row_idx):
+    _check_devices("sparse_masked_linear_grad_input", weight, grad_y=grad_y)
     _check_packed_fake("sparse_masked_linear_grad_input", weight, col_ptr, row_idx, weight.shape[1] + 1, "col_ptr")
     return weight.new_empty((*grad_y.shape[:-1], weight.shape[1]))
 
 
 @torch.library.register_fake("pyprune::sparse_masked_linear_grad_weight")
 def _grad_weight_fake(grad_y, x, weight, row_ptr, col_idx):
+    _check_devices("sparse_masked_linear_grad_weight", weight, grad_y=grad_y, x=x)
     _check_packed_fake("sparse_masked_linear_grad_weight", weight, row_ptr, col_idx, weight.shape[0] + 1, "row_ptr")
     return torch.empty_like(weight)
 

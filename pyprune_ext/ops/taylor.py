@@ -110,6 +110,8 @@ def _taylor_channel_stats_inplace_fake(a, g, first, second, channel_dim=1):
     op = "taylor_channel_stats_"
     channels = _channel_count(op, a, g, channel_dim)
     for buf, name in ((first, "first"), (second, "second")):
+        torch._check(buf.device == a.device,
+                     lambda: f"{op}: {name} must be on the same device as a ({a.device}), got {buf.device}")
         torch._check(buf.shape == (channels,),
                      lambda: f"{op}: {name} must have shape [{channels}] (one entry per channel), got {list(buf.shape)}")
         torch._check(buf.dtype == stats_dtype(a.dtype),

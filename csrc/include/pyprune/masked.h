@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include <pyprune/packed_mask.h>
+
 namespace pyprune {
 
 // Validates x/weight/mask/bias of a masked layer (shapes, dtypes, devices).
@@ -13,11 +15,28 @@ namespace pyprune {
 void check_masked_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& mask, const std::optional<at::Tensor>& bias);
 
+// The integer arguments of a 2-d convolution: 2 entries each, stride and
+// dilation >= 1, padding >= 0, groups >= 1, none above INT32_MAX (so no index
+// computation of the kernels can overflow).
+void check_conv_int_args(const char* op, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups);
+
+// t [..., features] as [M, features], M the product of the leading dims (a
+// view where possible). Unlike reshape({-1, features}), also for features == 0
+// or M == 0.
+at::Tensor as_rows(const at::Tensor& t, int64_t features);
+
+// A conv weight [out, in/groups, kh, kw] as [out, in/groups * kh * kw] (the
+// layout mask_pack packs), also when some dim is 0.
+at::Tensor filters_2d(const at::Tensor& weight);
+
 // pyprune::apply_mask through the dispatcher (so autograd sees it).
 at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
 
 // mask: bool, weight's shape and device.
 void check_apply_mask(const at::Tensor& weight, const at::Tensor& mask);
+// apply_mask_'s: the same, and weight writable (pyprune/inplace.h).
+void check_apply_mask_inplace(const at::Tensor& weight, const at::Tensor& mask);
 
 // A pyprune op's typed handle, for autograd functions that call ops through
 // the dispatcher (so torch.compile sees opaque ops with fake kernels).
@@ -25,20 +44,6 @@ template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
-
-// CPU checks of one compressed index of a packed mask (see mask_pack) against
-// a weight [out, in]: CSR (row_ptr, col_idx) when rows_first, else CSC
-// (col_ptr, row_idx). check_packed_ends checks the shapes and the two end
-// entries of ptr; the kernels check every row's ptr entries and indices as they
-// read them (in cache, no extra pass) and report through check_packed_rows_ok.
-void check_packed_ends(const char* op, const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx,
-                       bool rows_first);
-void check_packed_rows_ok(const char* op, bool ok, const at::Tensor& weight, bool rows_first);
-
-// Shape/dtype/device checks of the packed-mask arguments that need no data.
-void check_packed_shapes(const char* op, const at::Tensor& weight, const at::Tensor& ptr,
-                         const at::Tensor& idx, int64_t ptr_len, const char* ptr_name,
-                         const char* idx_name);
 
 // The CUDA sparse kernels' batch-last layout: x [..., features] -> x^T [features, M],
 // contiguous (M = all leading dims), and back: rows [last, M] -> [..., last]
