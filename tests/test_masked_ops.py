@@ -422,3 +422,39 @@ def test_apply_mask_matches_where(layout, device):
         pp.ops.apply_mask(w, mask.double())
     with pytest.raises(RuntimeError, match="mask must have weight's shape"):
         pp.ops.apply_mask(w, mask[:3])
+
+
+def test_nonfinite_inputs_same_on_every_path(device):
+    # One semantics (IEEE on where(mask, weight, 0)) on the dense and sparse paths of
+    # this device; tests/bad_input_cases.py covers the CPU in depth, this the CUDA twin.
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    w, mask, b = make_layer(6, 8, 0.3, dtype, device)
+    x = torch.randn(5, 8, dtype=dtype, device=device)
+    x[0, 1], x[2, 4], x[3, 7] = float("inf"), float("-inf"), float("nan")
+    gy = torch.randn(5, 6, dtype=dtype, device=device)
+    gy[1, 2] = float("inf")
+    ref_x, ref_w = x.clone().requires_grad_(), torch.where(mask, w, 0).requires_grad_()
+    ref_y = ref_x @ ref_w.T
+    ref_y.backward(gy)
+    for path in ("dense", "sparse"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = pp.masked_linear(xi, wi, mask) if path == "dense" else pp.sparse_masked_linear(xi, wi, pp.mask_pack(mask))
+        y.backward(gy)
+        for got, want in ((y.detach(), ref_y.detach()), (xi.grad, ref_x.grad),
+                          (wi.grad, torch.where(mask, ref_w.grad, 0))):
+            assert torch.equal(got.isnan(), want.isnan()), path
+            finite = want.isfinite()
+            torch.testing.assert_close(got[finite], want[finite])
+
+
+def test_inplace_ops_bump_versions_and_refuse_grad_outputs(device):
+    w = torch.randn(4, 5, device=device)
+    mask = torch.rand(4, 5, device=device) < 0.5
+    before = w._version
+    pp.ops.apply_mask_(w, mask)
+    assert w._version > before
+    leaf = torch.randn(4, 5, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+        torch.ops.pyprune.apply_mask_(leaf, mask)
+    with pytest.raises(RuntimeError, match="share memory"):
+        pp.ops.apply_mask_(torch.zeros(1, 5, device=device).expand(4, 5), mask)
