@@ -17,7 +17,8 @@ ResNet-18's 1.82 G):
 * Linear: ``output elements x in_features`` (so a Linear over ``(N, L, D)`` counts
   ``L x D x out_features`` per example).
 * Bias additions, activations, pooling and residual additions are not counted.
-* BatchNorm / LayerNorm / GroupNorm: their parameters are counted; their MACs are 0
+* Embedding: its parameters are counted, its MACs are 0 (a table lookup).
+* BatchNorm / LayerNorm / RMSNorm / GroupNorm: their parameters are counted; their MACs are 0
   unless ``norm_macs=True``, which counts one MAC per output element (the scale and
   shift a normalisation costs at inference once BatchNorm is folded; LayerNorm's
   statistics are not counted).
@@ -37,13 +38,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from .graph.specs import LayerSpec, spec_for
 
 __all__ = ["LayerCost", "ModelCost", "count_cost"]
-
-_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
-_COUNTED = (_ConvNd, nn.Linear) + _NORMS
 
 
 @dataclass(frozen=True)
@@ -137,31 +135,10 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _features(module: nn.Module) -> Tuple[int, int]:
-    """(in, out) channels or features of a counted layer."""
-    if isinstance(module, _ConvNd):
-        return module.in_channels, module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, _BatchNorm):
-        return module.num_features, module.num_features
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels, module.num_channels
-    size = math.prod(module.normalized_shape)  # LayerNorm
-    return size, size
-
-
-def _macs(module: nn.Module, inp: Tensor, out: Tensor, norm_macs: bool) -> int:
-    """MACs of one call over the whole batch."""
-    if isinstance(module, _ConvTransposeNd):
-        # Each input element is scattered into a kernel window of every output
-        # channel of its group.
-        return inp.numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
-    if isinstance(module, _ConvNd):
-        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-    if isinstance(module, nn.Linear):
-        return out.numel() * module.in_features
-    return out.numel() if norm_macs else 0
+def _cost_spec(module: nn.Module) -> Optional[LayerSpec]:
+    """The layer spec that counts this module (pyprune_ext.graph.specs), if any."""
+    spec = spec_for(module, any_subclass=True)
+    return spec if spec is not None and spec.cost else None
 
 
 def _as_tuple(example_inputs) -> Tuple:
@@ -175,7 +152,8 @@ def _as_tuple(example_inputs) -> Tuple:
 
 def count_cost(model: nn.Module, example_inputs: Union[Tensor, Sequence], *,
                norm_macs: bool = False) -> ModelCost:
-    """Counts parameters and per-example MACs of every Conv, Linear and norm layer.
+    """Counts parameters and per-example MACs of every Conv, Linear, Embedding and norm
+    layer (every layer whose spec in :mod:`pyprune_ext.graph.specs` has ``cost``).
 
     The model runs once, under ``torch.no_grad()`` and in eval mode (so BatchNorm
     running statistics are not updated and a batch of one works); every module's
@@ -197,14 +175,15 @@ def count_cost(model: nn.Module, example_inputs: Union[Tensor, Sequence], *,
                          f"dimension first, got {getattr(first, 'shape', type(first).__name__)}")
     batch = int(first.shape[0])
 
-    counted = [(name, m) for name, m in model.named_modules() if isinstance(m, _COUNTED)]
+    specs = {id(m): spec for m in model.modules() if (spec := _cost_spec(m)) is not None}
+    counted = [(name, m) for name, m in model.named_modules() if id(m) in specs]
     macs: Dict[int, int] = {id(m): 0 for _, m in counted}
     calls: Dict[int, int] = {id(m): 0 for _, m in counted}
     shapes: Dict[int, Tuple[int, ...]] = {}
 
     def hook(module: nn.Module, args: Tuple, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
-        macs[id(module)] += _macs(module, args[0], out, norm_macs)
+        macs[id(module)] += specs[id(module)].macs(module, args[0], out, norm_macs)
         calls[id(module)] += 1
         shapes[id(module)] = tuple(out.shape[1:])
 
@@ -227,7 +206,7 @@ def count_cost(model: nn.Module, example_inputs: Union[Tensor, Sequence], *,
         if total % batch:
             raise ValueError(f"layer {name!r} did {total} MACs for a batch of {batch}, not a "
                              "multiple of the batch size; pass a batch of one")
-        in_f, out_f = _features(m)
+        in_f, out_f = specs[id(m)].features(m)
         # Parameters after the forward pass: lazy modules only have them then.
         own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for p in own)

@@ -11,10 +11,22 @@ groups), for iterative pruning.
 """
 
 from .groups import dependency_groups
+from .specs import (ROLES, Axis, ChannelwiseSpec, LayerSpec, Role, register_layer, registered_layers,
+                    spec_for, unregister_layer)
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
-from .surgery import remove_channels, shrink_module, zero_channels
+from .surgery import remove_channels, shrink_module, zero_channels, zeroed_parameters
 
 __all__ = [
+    "ROLES",
+    "Axis",
+    "ChannelwiseSpec",
+    "LayerSpec",
+    "Role",
+    "register_layer",
+    "registered_layers",
+    "spec_for",
+    "unregister_layer",
+    "zeroed_parameters",
     "ChannelGroup",
     "Gate",
     "GraphAnalysisWarning",

@@ -49,7 +49,10 @@ def visit_function(an: Analyzer, node: fx.Node):
     if not _has_tensor(meta):
         return meta
     if not any(isinstance(v, Tracked) for v in iter_layouts((args, kwargs))):
-        return an.untracked_like(meta, f"comes from {_what(node)}, which has no prunable channels as input")
+        # keep the first input's origin (a model input, a parameter read directly): it names the cause
+        sources = [v.source for v in iter_layouts((args, kwargs)) if isinstance(v, Untracked)]
+        return an.untracked_like(meta, sources[0] if sources else
+                                 f"comes from {_what(node)}, which has no prunable channels as input")
     if name == "getattr" or (name or "").startswith("attr:"):
         attr = args[1] if name == "getattr" else name[5:]
         if attr == "data":

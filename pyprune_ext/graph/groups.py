@@ -10,11 +10,9 @@ from torch import nn
 
 from .analysis import Analyzer
 from .layouts import Elements
-from .layers import CONVS, LAYERNORMS, is_shrinkable
+from .specs import ROLES, spec_for
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
 from .trace import trace_model
-
-ROLE_ORDER = {"out": 0, "depthwise": 1, "norm": 2, "in": 3}
 
 
 def dependency_groups(model: nn.Module, example_inputs, ignore: Iterable[nn.Module] = ()) -> list[ChannelGroup]:
@@ -78,7 +76,8 @@ def _block_shared_weights(an: Analyzer, model: nn.Module) -> None:
 
 
 def _warn_unexecuted(model: nn.Module, an: Analyzer) -> None:
-    missed = [name for name, m in model.named_modules() if is_shrinkable(m) and name not in an.calls]
+    missed = [name for name, m in model.named_modules()
+              if name not in an.calls and (spec := spec_for(m)) is not None and spec.axes(m)]
     if missed:
         warnings.warn(
             f"dependency_groups: the fallback tracer never saw {', '.join(missed[:8])}"
@@ -89,14 +88,13 @@ def _warn_unexecuted(model: nn.Module, an: Analyzer) -> None:
 
 # -- bundling components into groups -----------------------------------------------------------
 def axis_length(module: nn.Module, role: str) -> int:
-    """Length of the module axis a member of ``role`` indexes."""
-    if role in ("out", "depthwise"):
-        return module.weight.shape[0]
-    if role == "in":
-        return module.in_channels if isinstance(module, CONVS) else module.in_features
-    if isinstance(module, LAYERNORMS):
-        return module.normalized_shape[-1]
-    return module.num_features
+    """Length of the module axis a member of ``role`` indexes (from its layer spec)."""
+    spec = spec_for(module)
+    axis = spec.axes(module).get(role) if spec is not None else None
+    if axis is None:
+        raise ValueError(f"{type(module).__name__} has no '{role}' axis in its layer spec "
+                         f"({type(spec).__name__ if spec is not None else 'no spec registered'})")
+    return axis.length
 
 
 def _consolidate(positions: list[int]) -> list[tuple[int, int]]:
@@ -129,7 +127,7 @@ def _components(el: Elements, order: dict[str, int]):
         members = [(name, role, span, offset)
                    for (name, role), positions in by_axis.items()
                    for offset, span in _consolidate(positions)]
-        members.sort(key=lambda m: (order.get(m[0], len(order)), m[0], ROLE_ORDER[m[1]], m[2], m[3]))
+        members.sort(key=lambda m: (order.get(m[0], len(order)), m[0], ROLES[m[1]].order, m[2], m[3]))
         result[root] = (tuple(m[:3] for m in members), tuple(m[3] for m in members))
     return result
 
@@ -170,12 +168,12 @@ def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
 def _gates(an: Analyzer, members: list[Member]) -> tuple[list[Gate], list[Member]]:
     gates, bns = [], []
     for m in members:
-        if m.role not in ("out", "depthwise") or m.name not in an.gate_of:
+        if not ROLES[m.role].produces or m.name not in an.gate_of:
             continue
         gate_name, channel_dim = an.gate_of[m.name]
-        gates.append(Gate(gate_name, m.offset, channel_dim, producer=m.name))
+        gates.append(Gate(gate_name, m.offset, channel_dim, producer=m.name, span=m.span))
         if gate_name != m.name:
-            bns.append(Member(gate_name, "norm", m.offset))
+            bns.append(Member(gate_name, "norm", m.offset, m.span))
     return gates, bns
 
 
@@ -183,12 +181,17 @@ def _group_name(members: list[Member], residual: bool, size: int, modules) -> st
     """The producer's name ("layer1.0.conv1", "conv[0:16]" for part of its channels),
     "residual: a, b, c" for channels joined by adds, "inputs of: a, b" when no
     layer produces them (model input, constants)."""
-    producers = [m for m in members if m.role == "out"] or [m for m in members if m.role == "depthwise"]
+    producing = [m for m in members if ROLES[m.role].produces]
+    first_role = min((ROLES[m.role].order, m.role) for m in producing)[1] if producing else None
+    producers = [m for m in producing if m.role == first_role]  # "out" members first, else depthwise
     names = list(dict.fromkeys(m.name for m in producers))
     if len(names) == 1:
         m = producers[0]
-        whole = len(producers) == 1 and m.offset == 0 and size == axis_length(modules[m.name], m.role)
-        return m.name if whole else f"{m.name}[{m.offset}:{m.offset + size}]"
+        whole = (len(producers) == 1 and m.offset == 0
+                 and size * m.span == axis_length(modules[m.name], m.role))
+        if whole:
+            return m.name
+        return f"{m.name}[{m.offset}:{m.offset + size}]" + (f" (units of {m.span})" if m.span > 1 else "")
     if names:
         return ("residual: " if residual else "coupled: ") + ", ".join(names)
     return "inputs of: " + ", ".join(dict.fromkeys(m.name for m in members))

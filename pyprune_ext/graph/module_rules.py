@@ -3,14 +3,11 @@ pass channels through, and everything else (unknown: blocked, with a warning).""
 
 from __future__ import annotations
 
-from itertools import chain
-
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
 from .analysis import Analyzer
-from .layers import BATCHNORMS, CONVS, is_shrinkable
 from .layouts import Tracked, Untracked, iter_layouts
+from .specs import spec_for
 from .trace import VALUE
 
 
@@ -33,24 +30,6 @@ if hasattr(nn.modules.padding, "_CircularPadNd"):
     PADS = PADS + (nn.modules.padding._CircularPadNd,)
 SOFTMAXES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 
-# parameters/buffers each layer type is rebuilt with
-EXPECTED_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-
-
-def unsupported_state(name: str, module: nn.Module) -> str | None:
-    """Why ``surgery`` could not shrink this layer, or None. Extra tensors shaped
-    like the weight (MaskedConv2d's mask) are sliced with it; others are not."""
-    if parametrize.is_parametrized(module):
-        return f"{name} is parametrized (torch.nn.utils.parametrize); its weight cannot be shrunk"
-    weight = getattr(module, "weight", None)
-    shape = tuple(weight.shape) if weight is not None else None
-    extras = [n for n, t in chain(module._parameters.items(), module._buffers.items())
-              if n not in EXPECTED_STATE and t is not None and tuple(t.shape) != shape]
-    if extras:
-        return f"{name} ({type(module).__name__}) holds tensors that cannot be shrunk with it: {', '.join(extras)}"
-    return None
-
-
 def spatial_dims(module: nn.Module, ndim: int) -> int:
     for cls, k in SPATIAL.items():
         if isinstance(module, cls):
@@ -66,8 +45,9 @@ def visit_module(an: Analyzer, node: fx.Node):
     args, kwargs = an.resolve(node.args), an.resolve(node.kwargs)
     meta = node.meta.get(VALUE)
     x = args[0] if args else kwargs.get("input")
-    if is_shrinkable(module) and isinstance(x, (Tracked, Untracked)):
-        out = _shrinkable(an, node, name, module, x, meta)
+    spec = spec_for(module)
+    if spec is not None and isinstance(x, (Tracked, Untracked)):
+        out = _registered_layer(an, spec, node, name, module, x, meta)
         if name in an.ignored:
             for layout in iter_layouts(out):
                 if isinstance(layout, Tracked):
@@ -89,66 +69,13 @@ def visit_module(an: Analyzer, node: fx.Node):
                       f"unknown module {name} ({type(module).__name__}) at node '{node.name}'")
 
 
-# -- layers we can shrink ------------------------------------------------------------------
-def _shrinkable(an: Analyzer, node, name, module, x, meta):
-    problem = unsupported_state(name, module)
-    if isinstance(module, CONVS):
-        out = _conv(an, node, name, module, x, meta)
-    elif isinstance(module, nn.Linear):
-        in_ids = an.channels_in(x, len(x.shape) - 1, name)
-        an.elements.attach(name, "in", in_ids)
-        out_ids = an.produce(name, module.out_features, node, -1)
-        out = Tracked(len(meta.shape) - 1, out_ids, meta.shape)
-    elif isinstance(module, BATCHNORMS):
-        ids = an.channels_in(x, 1 if len(x.shape) > 1 else 0, name)
-        an.elements.attach(name, "norm", ids)
-        if not module.affine:
-            an.elements.mark_inexact(ids, f"{name} has no affine weight/bias to zero")
-        out = an.tracked_like(meta, 1 if len(x.shape) > 1 else 0, ids)
-    else:
-        out = _layernorm(an, node, name, module, x, meta)
+# -- layers with a spec (pyprune_ext.graph.specs) ----------------------------------------------
+def _registered_layer(an: Analyzer, spec, node, name, module, x, meta):
+    out = spec.analyse(an, node, name, module, x, meta)
+    problem = spec.unsupported_state(name, module)
     if problem:  # neither axis of this layer may change
         an.elements.block(an.elements.module_elements(name), problem)
     return out
-
-
-def _conv(an: Analyzer, node, name, conv, x, meta):
-    cd = len(x.shape) - len(conv.kernel_size) - 1  # 1 for batched input, 0 for unbatched
-    in_ids = an.channels_in(x, cd, name)
-    if conv.groups == 1:
-        an.elements.attach(name, "in", in_ids)
-        return Tracked(cd, an.produce(name, conv.out_channels, node, 1), meta.shape)
-    if conv.groups == conv.in_channels == conv.out_channels:
-        an.elements.attach(name, "depthwise", in_ids)
-        an.note_gate(name, node, 1)
-        return Tracked(cd, in_ids, meta.shape)
-    reason = f"grouped conv {name} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} channels)"
-    an.elements.attach(name, "in", in_ids)
-    an.elements.block(in_ids, reason)
-    out_ids = an.produce(name, conv.out_channels, node, 1)
-    an.elements.block(out_ids, reason)
-    return Tracked(cd, out_ids, meta.shape)
-
-
-def _layernorm(an: Analyzer, node, name, norm, x, meta):
-    """LayerNorm/RMSNorm over the last len(normalized_shape) dims. Channels on the
-    last dim are members (their mean/var change when channels go: not exact)."""
-    nd, last = len(norm.normalized_shape), len(x.shape) - 1
-    if isinstance(x, Tracked) and x.dim < len(x.shape) - nd:
-        # normalizes other dims; a zeroed channel becomes the bias, not zero
-        an.elements.mark_inexact(x.ids, f"{name} normalizes a zeroed channel to its bias")
-        own = an.elements.new(x.shape[last], blocked=f"{name} normalizes dims that carry no prunable channels")
-        an.elements.attach(name, "norm", own)
-        return an.tracked_like(meta, x.dim, x.ids)
-    if isinstance(x, Tracked) and x.dim != last:
-        reason = f"{name} normalizes the channels together with the dims after them"
-        an.elements.block(x.ids, reason)
-        an.elements.attach(name, "norm", an.elements.new(x.shape[last], blocked=reason))
-        return an.tracked_like(meta, x.dim, x.ids)
-    ids = an.channels_in(x, last, name)
-    an.elements.attach(name, "norm", ids)
-    an.elements.mark_inexact(ids, f"{type(norm).__name__} {name} normalizes over the channels")
-    return an.tracked_like(meta, last, ids)
 
 
 # -- modules that pass channels through ----------------------------------------------------
@@ -165,10 +92,6 @@ def _passthrough_module(an: Analyzer, node, name, module, x: Tracked, meta):
     if isinstance(module, nn.Threshold):
         if not (module.threshold < 0 or module.value == 0):
             el.mark_inexact(x.ids, f"{name} maps 0 to {module.value}")
-        return an.passthrough(x, meta)
-    if isinstance(module, nn.PReLU):
-        if module.num_parameters != 1:
-            el.block(x.ids, f"PReLU {name} has per-channel weights (not supported)")
         return an.passthrough(x, meta)
     if isinstance(module, NOT_ZERO_PRESERVING):
         el.mark_inexact(x.ids, f"{type(module).__name__} {name} maps 0 to a non-zero value")

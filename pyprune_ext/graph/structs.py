@@ -13,15 +13,17 @@ class GraphAnalysisWarning(UserWarning):
 class Member:
     """One module axis that a channel group runs through.
 
-    ``role``: ``"out"`` (Conv/Linear output channels: weight dim 0 and the bias),
-    ``"in"`` (Conv/Linear input channels: weight dim 1), ``"norm"`` (BatchNorm
-    channels, or the last normalized dim of a LayerNorm/RMSNorm) or
-    ``"depthwise"`` (a conv with groups == in_channels == out_channels: its
-    input, output and groups shrink together).
+    ``role`` names one of the module's axes in its layer spec
+    (:mod:`pyprune_ext.graph.specs`): ``"out"`` (channels the layer produces:
+    Conv/Linear output channels), ``"in"`` (channels it consumes),
+    ``"norm"`` (a normalisation's channels), ``"depthwise"`` (a conv with
+    groups == in_channels == out_channels: input, output and groups shrink
+    together) or ``"channel"`` (per-channel parameters such as PReLU's).
 
     Group channel ``i`` is module channel ``offset + i``; with ``span > 1``
-    (a Linear after flattening (C, H, W): span = H*W) it is the module features
-    ``(offset + i) * span`` .. ``(offset + i + 1) * span - 1``.
+    it is the module positions ``(offset + i) * span`` .. ``(offset + i + 1) *
+    span - 1``: a Linear after flattening (C, H, W) (span = H*W), or a unit
+    of channels that goes as a whole (a grouped conv's group, a GroupNorm group).
     """
 
     name: str
@@ -41,12 +43,21 @@ class Gate:
     ``offset + size - 1`` of module ``name``'s forward output, along
     ``channel_dim`` (1 for (N, C, ...) conv/BatchNorm outputs, -1 for
     Linear/LayerNorm outputs). ``producer`` is the conv/linear that computes
-    those channels (``name`` itself, or the conv a BatchNorm gate follows)."""
+    those channels (``name`` itself, or the conv a BatchNorm gate follows).
+    With ``span > 1`` group channel ``i`` is the output channels ``(offset + i)
+    * span`` .. ``(offset + i + 1) * span - 1`` (a grouped conv loses whole
+    groups); its score is the sum of theirs."""
 
     name: str
     offset: int
     channel_dim: int
     producer: str = ""
+    span: int = 1
+
+    def positions(self, channel: int) -> range:
+        """The output channels of group channel ``channel``."""
+        start = (self.offset + channel) * self.span
+        return range(start, start + self.span)
 
 
 @dataclass

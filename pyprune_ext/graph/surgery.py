@@ -11,11 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .groups import axis_length
-from .layers import BATCHNORMS, CONVS, LAYERNORMS
+from .specs import ROLES, LayerSpec, spec_for
 from .structs import ChannelGroup, Member
-
-SUPPORTED = {"out": CONVS + (nn.Linear,), "in": CONVS + (nn.Linear,), "depthwise": CONVS,
-             "norm": (BATCHNORMS,) + LAYERNORMS}
 
 
 # -- checking a plan --------------------------------------------------------------------------
@@ -53,7 +50,8 @@ def _check_members(model: nn.Module, group: ChannelGroup, label: str) -> None:
         except AttributeError:
             raise ValueError(f"{label}: the model has no submodule '{m.name}' (groups from another model?)") \
                 from None
-        if m.role not in SUPPORTED or not isinstance(module, SUPPORTED[m.role]):
+        spec = spec_for(module)
+        if spec is None or m.role not in spec.axes(module):
             raise ValueError(f"{label}: member {m} is not a supported layer/role ({type(module).__name__})")
         length = axis_length(module, m.role)
         expected = group.extents[j] if j < len(group.extents) else length
@@ -133,65 +131,58 @@ def _select(t: Tensor, selections) -> Tensor:
     return out if selections else out.clone()
 
 
-def _selections(module: nn.Module, idx: dict[str, Tensor]):
-    """(selections for weight-shaped tensors, selections for per-channel vectors)."""
-    if isinstance(module, CONVS + (nn.Linear,)):
-        out = idx.get("depthwise", idx.get("out"))
-        weight = ([(0, out)] if out is not None else []) + ([(1, idx["in"])] if "in" in idx else [])
-        return weight, ([(0, out)] if out is not None else [])
-    if isinstance(module, BATCHNORMS):
-        return [(0, idx["norm"])], [(0, idx["norm"])]
-    last = len(module.normalized_shape) - 1
-    return [(last, idx["norm"])], [(last, idx["norm"])]
+def _selections(spec: LayerSpec, module: nn.Module, pname: str, idx: dict[str, Tensor]):
+    """(dim, kept index) per changed axis that indexes tensor ``pname``."""
+    selections = []
+    for role, index in idx.items():
+        dim = spec.tensor_dims(module, role, pname)
+        if dim is not None:
+            selections.append((dim, index))
+    return selections
+
+
+def _known_tensors(spec: LayerSpec, module: nn.Module) -> set[str]:
+    known = {t for axis in spec.axes(module).values() for t in axis.tensors}
+    weight = module._parameters.get("weight")
+    for table in (module._parameters, module._buffers):  # weight-shaped state (a mask) follows the weight
+        known.update(n for n, t in table.items()
+                     if t is not None and weight is not None and t.shape == weight.shape)
+    return known
 
 
 def shrink_module(module: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
     """A copy of ``module`` (same type, dtype, device, training mode,
-    requires_grad) keeping the positions ``masks[role]`` marks along each axis."""
+    requires_grad) keeping the positions ``masks[role]`` marks along each axis
+    of its layer spec (:mod:`pyprune_ext.graph.specs`)."""
+    spec = spec_for(module)
+    if spec is None:
+        raise ValueError(f"cannot shrink {type(module).__name__}: no layer spec is registered for it "
+                         "(pyprune_ext.graph.register_layer)")
+    axes = spec.axes(module)
+    unknown_roles = sorted(set(masks) - set(axes))
+    if unknown_roles:
+        raise ValueError(f"cannot shrink {type(module).__name__} along '{unknown_roles[0]}': its spec "
+                         f"({type(spec).__name__}) has the axes {', '.join(axes) or 'none'}")
     idx = {role: mask.nonzero().squeeze(1) for role, mask in masks.items()}
-    weight_sel, vector_sel = _selections(module, idx)
-    weight = getattr(module, "weight", None)
+    known = _known_tensors(spec, module)
     new = _clone(module)
     for table in ("_parameters", "_buffers"):
         for pname, t in getattr(module, table).items():
             if t is None or pname == "num_batches_tracked":
                 continue
-            if pname in ("bias", "running_mean", "running_var"):
-                selections = vector_sel
-            elif pname == "weight" or (weight is not None and t.shape == weight.shape):
-                selections = weight_sel  # the weight, and weight-shaped state such as a mask
-            else:
+            if pname not in known:
                 raise ValueError(f"cannot shrink {type(module).__name__}: it holds '{pname}' of shape "
-                                 f"{list(t.shape)}, which is neither the weight nor a per-channel vector")
-            shrunk = _select(t, selections)
+                                 f"{list(t.shape)}, which no axis of its spec ({type(spec).__name__}) indexes")
+            shrunk = _select(t, _selections(spec, module, pname, idx))
             if table == "_parameters":
                 getattr(new, table)[pname] = nn.Parameter(shrunk, requires_grad=t.requires_grad)
             else:
                 getattr(new, table)[pname] = shrunk
-    _update_sizes(new, idx)
+    spec.resize(new, {role: len(index) for role, index in idx.items()})
     from ..nn.masked import _MaskedMixin  # masked layers rebuild what they derive from the mask
     if isinstance(new, _MaskedMixin):
         new.set_mask(new.mask)
     return new
-
-
-def _update_sizes(module: nn.Module, idx: dict[str, Tensor]) -> None:
-    if isinstance(module, CONVS):
-        if "depthwise" in idx:
-            module.in_channels = module.out_channels = module.groups = len(idx["depthwise"])
-        if "out" in idx:
-            module.out_channels = len(idx["out"])
-        if "in" in idx:
-            module.in_channels = len(idx["in"])
-    elif isinstance(module, nn.Linear):
-        if "out" in idx:
-            module.out_features = len(idx["out"])
-        if "in" in idx:
-            module.in_features = len(idx["in"])
-    elif isinstance(module, BATCHNORMS):
-        module.num_features = len(idx["norm"])
-    else:
-        module.normalized_shape = tuple(module.normalized_shape[:-1]) + (len(idx["norm"]),)
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -226,21 +217,31 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: Mapping[
 
 @torch.no_grad()
 def zero_channels(model: nn.Module, group: ChannelGroup, channels) -> None:
-    """Masks channels of ``group`` in place: zeroes the producers' weight rows and
-    biases, depthwise filters, and the norm members' weight/bias at those
-    channels. For ``group.exact_masking`` groups the model then computes exactly
-    what ``remove_channels`` would give (input-side weights need no change: they
-    only ever see zeros)."""
+    """Masks channels of ``group`` in place: zeroes the parameters of every
+    member whose role zeroes (:data:`pyprune_ext.graph.specs.ROLES`: the
+    producers' weight rows and biases, depthwise filters, the norm members'
+    weight/bias) at those channels. For ``group.exact_masking`` groups the model
+    then computes exactly what ``remove_channels`` would give (input-side
+    weights need no change: they only ever see zeros)."""
     if not group.prunable:
         raise ValueError(f"group '{group.name}' is not prunable: {group.reason}")
     index = _channel_index(channels, group, "channels", allow_empty=True)
     _check_members(model, group, f"group '{group.name}'")
     for m in group.members:
-        if m.role == "in" or index.numel() == 0:
+        if not ROLES[m.role].zeroes or index.numel() == 0:
             continue
         module = model.get_submodule(m.name)
         positions = _positions(m, index)
-        dim = len(module.normalized_shape) - 1 if isinstance(module, LAYERNORMS) else 0
-        for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
-            if tensor is not None:
-                tensor.index_fill_(dim, positions.to(tensor.device), 0)
+        for param, dim in zeroed_parameters(module, m.role):
+            param.index_fill_(dim, positions.to(param.device), 0)
+
+
+def zeroed_parameters(module: nn.Module, role: str) -> list[tuple[Tensor, int]]:
+    """(parameter, dim) pairs that masking a channel of ``module``'s axis
+    ``role`` zeroes: the axis's parameters (buffers such as running statistics
+    are left alone), or nothing for a role that does not zero."""
+    if not ROLES[role].zeroes:
+        return []
+    axis = spec_for(module).axes(module)[role]
+    return [(module._parameters[name], dim) for name, dim in axis.tensors.items()
+            if module._parameters.get(name) is not None]

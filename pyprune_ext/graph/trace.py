@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .layers import is_shrinkable
 from .layouts import TensorMeta
+from .specs import spec_for
 from .structs import GraphAnalysisWarning
 
 VALUE = "pyprune_value"
 
-# Modules fx must not trace into: besides the layers we shrink (a MaskedConv2d's
+# Modules fx must not trace into: besides the layers with a spec (a MaskedConv2d's
 # forward calls custom ops, a BatchNorm's calls F.batch_norm), these reshape or
 # pass channels through.
 OPAQUE_OK = (nn.Flatten, nn.Unflatten, nn.Identity)
@@ -59,7 +59,7 @@ def leaf_predicate(ignored: set[int]):
     default = fx.Tracer()
 
     def is_leaf(module: nn.Module, qualname: str = "") -> bool:
-        if id(module) in ignored or is_shrinkable(module) or isinstance(module, OPAQUE_OK):
+        if id(module) in ignored or spec_for(module) is not None or isinstance(module, OPAQUE_OK):
             return True
         if isinstance(module, CONTAINERS):  # never called themselves: look inside
             return False

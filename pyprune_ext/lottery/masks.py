@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import unwrap_model
+from ..graph.specs import spec_for
 from ..nn import mask_model
 from ..nn.masked import _MaskedMixin
 from . import _param_masks
@@ -36,7 +37,9 @@ _MASKABLE = (nn.Linear, nn.Conv2d)
 
 
 def _default_prunable(name: str, module: nn.Module, param: nn.Parameter) -> bool:
-    return name.rpartition(".")[2] == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    """The parameters the module's layer spec names as ticket weights (Conv and Linear weights)."""
+    spec = spec_for(module, any_subclass=True)
+    return spec is not None and name.rpartition(".")[2] in spec.ticket_weights
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:

@@ -59,9 +59,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .. import distributed
+from ..graph.specs import spec_for
 from ..ops import taylor_channel_stats, taylor_weight_stats
 
 CRITERIA = ("fo_bn", "fo_gate", "fo_fg", "fo_weight", "so_fisher")
@@ -126,13 +126,9 @@ class Estimator:
 
 def _recompute_output(module: nn.Module, inputs: tuple) -> Tensor:
     """The module's output again, from its inputs, without touching its state
-    (a BatchNorm in training mode normalises with the batch statistics)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        use_batch_stats = module.training or module.running_mean is None
-        return F.batch_norm(inputs[0], None if use_batch_stats else module.running_mean,
-                            None if use_batch_stats else module.running_var,
-                            module.weight, module.bias, use_batch_stats, 0.0, module.eps)
-    return module(*inputs)
+    (its layer spec knows how: a BatchNorm in training mode normalises with the
+    batch statistics and must not update its running ones)."""
+    return spec_for(module).recompute(module, inputs)
 
 
 class _GatePoint:
@@ -250,19 +246,23 @@ class GateEstimator(Estimator):
             total = torch.zeros(group.size, dtype=torch.float64, device=self.scores.sums[i].device)
             for gate in group.gates:
                 first, second, batch = taken[gate.name]
-                window = slice(gate.offset, gate.offset + group.size)
-                total += self.score(first[window], second[window], batch)
+                total += _per_channel(self.score(first, second, batch), gate.offset, gate.span, group.size)
             self.scores.add(i, total)
         return True
 
 
+def _per_channel(scores: Tensor, offset: int, span: int, size: int) -> Tensor:
+    """Group channel c's score from per-position ``scores``: the sum over its
+    positions ``(offset + c) * span`` .. ``+ span - 1`` (a unit of channels that
+    goes as a whole, e.g. a grouped conv's group, scores what its channels score)."""
+    return scores[offset * span:(offset + size) * span].reshape(size, span).sum(1)
+
+
 def _output_channels(module: nn.Module) -> int:
-    for attr in ("out_channels", "out_features", "num_features"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    if isinstance(module, nn.LayerNorm):
-        return int(module.normalized_shape[-1])
-    raise TypeError(f"cannot tell how many output channels {type(module).__name__} has")
+    spec = spec_for(module)
+    if spec is None:
+        raise TypeError(f"cannot tell how many output channels {type(module).__name__} has (no layer spec)")
+    return spec.output_channels(module)
 
 
 # ---------------------------------------------------------------------------
@@ -303,8 +303,8 @@ class ParamEstimator(Estimator):
         for i in self.indices:
             for member in self._members(self.groups[i]):
                 module = self.modules[member.name]
-                for param in (module.weight, module.bias):
-                    if param is not None and param.requires_grad and id(param) not in self.captures:
+                for param, _ in _axis_parameters(module, member.role):
+                    if param.requires_grad and id(param) not in self.captures:
                         self.captures[id(param)] = _GradCapture(param)
         self._handles.extend(c.handle for c in self.captures.values())
 
@@ -340,23 +340,33 @@ class ParamEstimator(Estimator):
 
     def _member_score(self, member, size: int, grads: dict) -> Tensor:
         module = self.modules[member.name]
-        window = slice(member.offset, member.offset + size)
-        first = torch.zeros(size, dtype=torch.float64, device=module.weight.device)
+        window = slice(member.offset * member.span, (member.offset + size) * member.span)
+        first = torch.zeros(size * member.span, dtype=torch.float64, device=module.weight.device)
         second = torch.zeros_like(first)
-        for param in (module.weight, module.bias):
-            grad = grads.get(id(param)) if param is not None else None
+        for param, dim in _axis_parameters(module, member.role):
+            grad = grads.get(id(param))
             if grad is None:
                 continue
-            w, g = param.detach()[window], grad[window]
+            # the member's channels first: a ConvTranspose holds its output channels on dim 1
+            w, g = param.detach().movedim(dim, 0)[window], grad.movedim(dim, 0)[window]
             if w.dim() == 1:  # bias, or a BatchNorm's gamma / beta: one value per channel
                 product = (w * g).double()
                 first += product
                 second += product ** 2
             else:
-                f, s = taylor_weight_stats(w, g)
+                f, s = taylor_weight_stats(w.contiguous(), g.contiguous())
                 first += f.double()
                 second += s.double()
+        first = first.reshape(size, member.span).sum(1)  # a unit of span positions scores as one
+        second = second.reshape(size, member.span).sum(1)
         return second if self.square_then_sum else first ** 2
+
+
+def _axis_parameters(module: nn.Module, role: str) -> list[tuple[Tensor, int]]:
+    """(parameter, dim) of every parameter that axis ``role`` of the module's spec indexes."""
+    axis = spec_for(module).axes(module)[role]
+    return [(module._parameters[name], dim) for name, dim in axis.tensors.items()
+            if module._parameters.get(name) is not None]
 
 
 class TaylorImportance:

@@ -54,12 +54,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
+from ..graph.surgery import zeroed_parameters
 from .estimators import TaylorImportance
 from .report import PruningReport, estimate_cost
-
-# Roles whose parameters hold the channel along dim 0 (always span 1: only an
-# "in" member of a Linear after a flatten spans several features).
-_ZEROED_ROLES = ("out", "norm", "depthwise")
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,7 @@ class TaylorPruner:
         self.importance = TaylorImportance(model, self.groups, criterion, square_then_sum, device,
                                            sync=self.sync).attach()
         self._ema: dict[int, Tensor] = {}
-        self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (param, channel indices along dim 0)
+        self._zeroed: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(param) -> (param, dim, indices along dim)
         self._modules = dict(model.named_modules())
         self.cost_before: ModelCost = count_cost(model, self.example_inputs)
         self.history: list[PruneStep] = []
@@ -312,17 +309,13 @@ class TaylorPruner:
         self.alive[i][channels] = False
         index = torch.tensor(channels, dtype=torch.long)
         for member in group.members:
-            if member.role not in _ZEROED_ROLES:
-                continue
-            module = self._modules[member.name]
-            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
-                if param is None:
-                    continue
-                rows = (index + member.offset).to(param.device)
+            positions = ((member.offset + index)[:, None] * member.span + torch.arange(member.span)).reshape(-1)
+            for param, dim in zeroed_parameters(self._modules[member.name], member.role):
+                rows = positions.to(param.device)
                 previous = self._zeroed.get(id(param))
                 if previous is not None:
-                    rows = torch.cat([previous[1], rows]).unique()
-                self._zeroed[id(param)] = (param, rows)
+                    rows = torch.cat([previous[2], rows]).unique()
+                self._zeroed[id(param)] = (param, dim, rows)
         self._zero_now(None)
 
     def _check_ranks_agree(self, what: str, tensors) -> None:
@@ -331,13 +324,13 @@ class TaylorPruner:
 
     @torch.no_grad()
     def _zero_now(self, optimizer) -> None:
-        for param, rows in self._zeroed.values():
-            param.index_fill_(0, rows, 0)
+        for param, dim, rows in self._zeroed.values():
+            param.index_fill_(dim, rows, 0)
             if optimizer is None:
                 continue
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.index_fill_(0, rows, 0)
+                    value.index_fill_(dim, rows, 0)
 
     def _rezero_after_step(self, optimizer, args, kwargs) -> None:
         if not self.finalized and self._zeroed:

@@ -3,6 +3,7 @@ when the target is reached) and the before/after report."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
@@ -10,51 +11,51 @@ from typing import Mapping, Sequence
 from torch import Tensor, nn
 
 from ..cost import LayerCost, ModelCost
+from ..graph.specs import spec_for
 
 
-def _removed_per_layer(groups: Sequence, alive: Mapping[int, Tensor]) -> tuple[dict, dict]:
-    """Output channels and input features each layer loses with these masks."""
-    out_removed: dict[str, int] = defaultdict(int)
-    in_removed: dict[str, int] = defaultdict(int)
+def _removed_per_axis(groups: Sequence, alive: Mapping[int, Tensor]) -> dict[str, dict[str, int]]:
+    """module name -> role -> positions that axis loses with these masks."""
+    removed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for i, live in alive.items():
-        removed = int((~live).sum())
-        if not removed:
-            continue
-        for member in groups[i].members:
-            if member.role in ("out", "norm", "depthwise"):
-                out_removed[member.name] += removed
-            if member.role == "in":
-                in_removed[member.name] += removed * member.span
-            if member.role == "depthwise":
-                in_removed[member.name] += removed
-    return out_removed, in_removed
+        count = int((~live).sum())
+        if count:
+            for member in groups[i].members:
+                removed[member.name][member.role] += count * member.span
+    return removed
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            and module.groups == module.in_channels == module.out_channels)
-
-
-def _scaled_layer(layer: LayerCost, module: nn.Module | None, out_left: int, in_left: int) -> LayerCost:
-    """The layer's cost with out_left output channels and in_left input features."""
-    out_frac = out_left / layer.out_features if layer.out_features else 1.0
-    in_frac = in_left / layer.in_features if layer.in_features else 1.0
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not _is_depthwise(module):
-        weight = module.weight.numel() * out_frac * in_frac
-        bias = out_left if module.bias is not None else 0
-        params, macs = round(weight) + bias, round(layer.macs * out_frac * in_frac)
-    else:  # depthwise conv, norms: everything per channel
-        params, macs = round(layer.params * out_frac), round(layer.macs * out_frac)
-    return LayerCost(layer.name, layer.type, in_left, out_left, layer.output_shape, params, macs, layer.calls)
+def _scaled_layer(layer: LayerCost, module: nn.Module | None, removed: Mapping[str, int]) -> LayerCost:
+    """The layer's cost once ``removed[role]`` positions left each axis of its spec:
+    parameters from the shrunk tensor shapes, MACs in proportion to the weight
+    (every counted layer's MACs are proportional to its weight's size: a conv's
+    output channels x input channels per group, a Linear's features, a norm's
+    channels), features in proportion to the axes they are counted on."""
+    spec = spec_for(module, any_subclass=True) if module is not None else None
+    if spec is None or not removed:
+        return layer
+    axes = spec.axes(module)
+    kept = {role: (axes[role].length - n) / axes[role].length for role, n in removed.items()
+            if role in axes and axes[role].length}
+    own = [(name, p) for name, p in module._parameters.items() if p is not None]
+    before = sum(p.numel() for _, p in own)
+    after = sum(spec.shrunk_numel(module, name, removed) for name, _ in own)
+    params = round(layer.params * after / before) if before else 0
+    weight = module._parameters.get("weight")
+    if weight is not None and weight.numel():
+        macs_kept = spec.shrunk_numel(module, "weight", removed) / weight.numel()
+    else:  # a norm without affine parameters: per channel
+        macs_kept = math.prod(kept.values())
+    in_kept = math.prod(kept[r] for r in kept if axes[r].in_feature)
+    out_kept = math.prod(kept[r] for r in kept if axes[r].out_feature)
+    return LayerCost(layer.name, layer.type, round(layer.in_features * in_kept), round(layer.out_features * out_kept),
+                     layer.output_shape, params, round(layer.macs * macs_kept), layer.calls)
 
 
 def estimate_layers(before: ModelCost, groups: Sequence, alive: Mapping[int, Tensor],
                     modules: Mapping[str, nn.Module]) -> list[LayerCost]:
-    out_removed, in_removed = _removed_per_layer(groups, alive)
-    return [_scaled_layer(layer, modules.get(layer.name),
-                          layer.out_features - out_removed.get(layer.name, 0),
-                          layer.in_features - in_removed.get(layer.name, 0))
-            for layer in before.layers]
+    removed = _removed_per_axis(groups, alive)
+    return [_scaled_layer(layer, modules.get(layer.name), removed.get(layer.name, {})) for layer in before.layers]
 
 
 def _totals(before: ModelCost, layers: Sequence[LayerCost]) -> tuple[int, int]:
@@ -67,7 +68,7 @@ def _totals(before: ModelCost, layers: Sequence[LayerCost]) -> tuple[int, int]:
 def estimate_cost(before: ModelCost, groups: Sequence, alive: Mapping[int, Tensor],
                   modules: Mapping[str, nn.Module]) -> tuple[int, int]:
     """(MACs per example, parameters) after removing the channels not alive.
-    Exact for Conv/Linear/norm layers; other parameters are unchanged."""
+    Exact for the layers with a spec; other parameters are unchanged."""
     return _totals(before, estimate_layers(before, groups, alive, modules))
 
 
