@@ -13,10 +13,29 @@ groups), for iterative pruning.
 from .groups import dependency_groups
 from .specs import (ROLES, Axis, ChannelwiseSpec, LayerSpec, Role, register_layer, registered_layers,
                     spec_for, unregister_layer)
+from .rules import (Binary, Clamp, Concat, ElementWise, Like, Opaque, OpCall, OpRule, Pad, Reduction, Reshape,
+                    Select, Softmax, Spatial, Split, register_op_rule, unregister_op_rule)
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
 from .surgery import remove_channels, shrink_module, zero_channels, zeroed_parameters
 
 __all__ = [
+    "Binary",
+    "Clamp",
+    "Concat",
+    "ElementWise",
+    "Like",
+    "Opaque",
+    "OpCall",
+    "OpRule",
+    "Pad",
+    "Reduction",
+    "Reshape",
+    "Select",
+    "Softmax",
+    "Spatial",
+    "Split",
+    "register_op_rule",
+    "unregister_op_rule",
     "ROLES",
     "Axis",
     "ChannelwiseSpec",

@@ -1,9 +1,10 @@
-"""Walks a traced graph and couples channel elements (see ``layouts``).
+"""The state of one analysis pass and the helpers every rule uses.
 
-The walker keeps, for every node, the layout of its value (``Tracked``,
-``Untracked`` or a plain value) and applies one rule per op: module rules in
-``module_rules``, function/method rules in ``function_rules``. This file holds
-the shared helpers those rules use: taking a tensor's channels on a given dim,
+The walk (``walk.analyse``) keeps, for every node, the layout of its value
+(``Tracked``, ``Untracked`` or a plain value) and applies one rule per op:
+layer specs and module rules in ``module_rules``, op rules (``rules``) for
+functions and methods via ``function_rules``. This file holds the shared
+helpers those rules use: taking a tensor's channels on a given dim,
 element-wise coupling with broadcasting, running reshaping ops on an index
 probe, and the unknown-op rule (block + warn).
 """
@@ -19,11 +20,12 @@ from torch import fx, nn
 from .layouts import Elements, TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
 from .optable import describe
 from .structs import GraphAnalysisWarning
-from .trace import VALUE
+from .recording import VALUE
 
 
 class Analyzer:
-    """One pass over a graph; results in ``elements``, ``gate_of``, ``first_seen``."""
+    """The state of one pass over a graph (``walk.analyse`` drives it); results in
+    ``elements``, ``gate_of``, ``first_seen``."""
 
     def __init__(self, model: nn.Module, graph: fx.Graph, ignored: set[str]):
         self.model = model
@@ -38,33 +40,6 @@ class Analyzer:
         self.gate_of: dict[str, tuple[str, int]] = {}   # producer -> (gate module, channel dim)
         self.attr_reads: list[tuple[str, str]] = []     # (get_attr target, node name)
         self._warned: set[str] = set()
-
-    # -- driving ------------------------------------------------------------------------
-    def run(self) -> "Analyzer":
-        from .function_rules import visit_function
-        from .module_rules import visit_module
-
-        for node in self.graph.nodes:
-            meta = node.meta.get(VALUE)
-            if node.op == "placeholder":
-                value = self.untracked_like(meta, f"comes from the model input '{node.target}'")
-            elif node.op == "get_attr":
-                self.attr_reads.append((str(node.target), node.name))
-                value = self.untracked_like(meta, f"comes from the tensor attribute '{node.target}', "
-                                                  "not from a prunable layer")
-            elif node.op == "call_module":
-                value = visit_module(self, node)
-            elif node.op in ("call_function", "call_method"):
-                value = visit_function(self, node)
-            elif node.op == "output":
-                for layout in iter_layouts(self.resolve(node.args)):
-                    if isinstance(layout, Tracked):
-                        self.elements.block(layout.ids, "feeds the model output")
-                value = None
-            else:  # pragma: no cover - fx has no other node kinds
-                raise AssertionError(f"unexpected fx node kind {node.op}")
-            self.values[node] = value
-        return self
 
     def resolve(self, arg):
         """Node references replaced by their layouts/values."""

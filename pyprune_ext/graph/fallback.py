@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from .trace import VALUE, summarize
+from .recording import VALUE, summarize
 
 
 class _Recorder(TorchFunctionMode):

@@ -9,6 +9,7 @@ from typing import Iterable
 from torch import nn
 
 from .analysis import Analyzer
+from .walk import analyse
 from .layouts import Elements
 from .specs import ROLES, spec_for
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
@@ -34,7 +35,7 @@ def dependency_groups(model: nn.Module, example_inputs, ignore: Iterable[nn.Modu
     traced = trace_model(model, example_inputs, ignored_ids)
     names = {id(m): n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     ignored = {names[i] for i in ignored_ids}
-    an = Analyzer(model, traced.graph, ignored).run()
+    an = analyse(model, traced.graph, ignored)
     _block_shared_weights(an, model)
     if traced.by_execution:
         _warn_unexecuted(model, an)

@@ -1,40 +1,77 @@
-"""Rules for ``call_module`` nodes: the layers we can shrink, the modules that
-pass channels through, and everything else (unknown: blocked, with a warning)."""
+"""``call_module`` nodes: layers with a spec (``specs``), modules the table
+below maps to an op rule (``rules``) with the module's settings as the op's
+arguments, a user's module rules, and everything else (unknown: blocked, with
+a warning)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 from torch import fx, nn
 
 from .analysis import Analyzer
 from .layouts import Tracked, Untracked, iter_layouts
+from .recording import VALUE
+from .rules import (Clamp, ElementWise, OpCall, OpRule, Pad, Softmax, Spatial, module_class_rule,
+                    reshape_via_probe)
 from .specs import spec_for
-from .trace import VALUE
 
 
-# f(0) == 0, element-wise: masked channels stay zero
-ZERO_PRESERVING = (
-    nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.ELU, nn.SELU, nn.CELU, nn.Tanh,
-    nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Softsign, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)
-NOT_ZERO_PRESERVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
-SPATIAL = {
+class _RunModuleOnProbe(OpRule):
+    """Flatten / Unflatten: the module itself runs on the index probe."""
+
+    def apply(self, an, call):
+        module = an.model.get_submodule(call.node.target)
+        literals = tuple(module.unflattened_size) if isinstance(module, nn.Unflatten) else ()
+        name = "unflatten" if isinstance(module, nn.Unflatten) else "flatten"
+        return reshape_via_probe(an, call.node, name, call.args[0], call.args[:1], {}, call.meta, module=module,
+                                 literals=literals)
+
+
+def _pad_settings(m) -> tuple:
+    mode = {nn.modules.padding._ReflectionPadNd: "reflect", nn.modules.padding._ReplicationPadNd: "replicate"}
+    kind = next((v for k, v in mode.items() if isinstance(m, k)), "circular" if not hasattr(m, "value") else "constant")
+    return (list(m.padding), kind, getattr(m, "value", None))
+
+
+_ZERO, _NOT_ZERO = ElementWise(True), ElementWise(False)
+_SPATIAL_DIMS = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
     nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2,
     nn.FractionalMaxPool2d: 2, nn.Upsample: None,
 }
-PADS = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-        nn.modules.padding._ReplicationPadNd)
+_PADS = [nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+         nn.modules.padding._ReplicationPadNd]
 if hasattr(nn.modules.padding, "_CircularPadNd"):
-    PADS = PADS + (nn.modules.padding._CircularPadNd,)
-SOFTMAXES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+    _PADS.append(nn.modules.padding._CircularPadNd)
 
-def spatial_dims(module: nn.Module, ndim: int) -> int:
-    for cls, k in SPATIAL.items():
-        if isinstance(module, cls):
-            return ndim - 2 if k is None else k
-    raise KeyError(type(module).__name__)
+# module class -> (rule, canonical op name, the module's settings as the op's arguments after the input)
+MODULE_RULES: dict[type, Callable[[nn.Module], tuple[OpRule, str, tuple]]] = {
+    **{cls: (lambda m: (_ZERO, "relu", ())) for cls in (
+        nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.ELU, nn.SELU, nn.CELU, nn.Tanh,
+        nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Softsign, nn.Identity, nn.Dropout, nn.Dropout1d,
+        nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)},
+    **{cls: (lambda m: (_NOT_ZERO, "sigmoid", ())) for cls in (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus,
+                                                               nn.LogSigmoid)},
+    nn.Hardtanh: lambda m: (Clamp(), "hardtanh", (m.min_val, m.max_val)),  # ReLU6 too
+    nn.Threshold: lambda m: (Clamp(), "threshold", (m.threshold, m.value)),
+    **{cls: (lambda m, k=k: (Spatial(k), "pool", ())) for cls, k in _SPATIAL_DIMS.items()},
+    **{cls: (lambda m: (Pad(), "pad", _pad_settings(m))) for cls in _PADS},
+    **{cls: (lambda m: (Softmax(), "softmax", (m.dim,))) for cls in (nn.Softmax, nn.LogSoftmax, nn.Softmin)},
+    nn.Softmax2d: lambda m: (Softmax(), "softmax", (-3,)),
+    nn.Flatten: lambda m: (_RunModuleOnProbe(), "flatten", ()),
+    nn.Unflatten: lambda m: (_RunModuleOnProbe(), "unflatten", ()),
+}
+
+
+def _as_op(module: nn.Module):
+    """(rule, op name, settings) for a module of the table (looked up along its class's MRO)."""
+    for base in type(module).__mro__:
+        entry = MODULE_RULES.get(base)
+        if entry is not None:
+            return entry(module)
+    return None
 
 
 def visit_module(an: Analyzer, node: fx.Node):
@@ -61,10 +98,13 @@ def visit_module(an: Analyzer, node: fx.Node):
         for layout in tracked:
             an.elements.block(layout.ids, f"input of ignored module {name}")
         return an.untracked_like(meta, f"comes from ignored module '{name}'")
-    if len(tracked) == 1 and x is tracked[0]:
-        out = _passthrough_module(an, node, name, module, x, meta)
-        if out is not NotImplemented:
-            return out
+    user_rule = module_class_rule(module)
+    if user_rule is not None:
+        return user_rule.apply(an, OpCall(node, None, False, args, kwargs, meta))
+    as_op = _as_op(module)
+    if as_op is not None and len(tracked) == 1 and x is tracked[0]:
+        rule, op_name, settings = as_op
+        return rule.apply(an, OpCall(node, op_name, False, (x, *settings), {}, meta))
     return an.unknown(node, (args, kwargs), meta,
                       f"unknown module {name} ({type(module).__name__}) at node '{node.name}'")
 
@@ -78,50 +118,3 @@ def _registered_layer(an: Analyzer, spec, node, name, module, x, meta):
     return out
 
 
-# -- modules that pass channels through ----------------------------------------------------
-def _passthrough_module(an: Analyzer, node, name, module, x: Tracked, meta):
-    """The rule for activation, dropout, pooling, padding, softmax and reshaping
-    modules, or NotImplemented."""
-    el = an.elements
-    if isinstance(module, ZERO_PRESERVING):
-        return an.passthrough(x, meta)
-    if isinstance(module, nn.Hardtanh):  # ReLU6 too
-        if not module.min_val <= 0 <= module.max_val:
-            el.mark_inexact(x.ids, f"{name} maps 0 to a non-zero value")
-        return an.passthrough(x, meta)
-    if isinstance(module, nn.Threshold):
-        if not (module.threshold < 0 or module.value == 0):
-            el.mark_inexact(x.ids, f"{name} maps 0 to {module.value}")
-        return an.passthrough(x, meta)
-    if isinstance(module, NOT_ZERO_PRESERVING):
-        el.mark_inexact(x.ids, f"{type(module).__name__} {name} maps 0 to a non-zero value")
-        return an.passthrough(x, meta)
-    if isinstance(module, tuple(SPATIAL)):
-        k = spatial_dims(module, len(x.shape))
-        if x.dim >= len(x.shape) - k:
-            return an.unknown(node, x, meta, f"{name} ({type(module).__name__}) pools over the channel dim")
-        return an.passthrough(x, meta)
-    if isinstance(module, PADS):
-        k = len(module.padding) // 2
-        padded = {len(x.shape) - 1 - i for i in range(k)
-                  if module.padding[2 * i] or module.padding[2 * i + 1]}
-        if x.dim in padded:
-            return an.unknown(node, x, meta, f"{name} pads the channel dim")
-        if getattr(module, "value", 0) != 0:
-            el.mark_inexact(x.ids, f"{name} pads with {module.value}")
-        return an.passthrough(x, meta)
-    if isinstance(module, SOFTMAXES):
-        dim = -3 if isinstance(module, nn.Softmax2d) else module.dim
-        if dim is None:  # legacy implicit dim, as torch picks it
-            dim = 0 if len(x.shape) in (0, 1, 3) else 1
-        if dim % len(x.shape) == x.dim:
-            el.block(x.ids, f"{name} ({type(module).__name__}) normalizes over the channels")
-        else:
-            el.mark_inexact(x.ids, f"{name} ({type(module).__name__}) maps 0 to a non-zero value")
-        return an.passthrough(x, meta)
-    if isinstance(module, (nn.Flatten, nn.Unflatten)):
-        from .function_rules import reshape_via_probe
-        literals = tuple(module.unflattened_size) if isinstance(module, nn.Unflatten) else ()
-        return reshape_via_probe(an, node, "flatten" if isinstance(module, nn.Flatten) else "unflatten",
-                                 x, (x,), {}, meta, module=module, literals=literals)
-    return NotImplemented

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .layouts import TensorMeta
+from .fallback import trace_by_execution
+from .recording import VALUE, summarize
+from .rules import module_class_rule, user_functions
 from .specs import spec_for
 from .structs import GraphAnalysisWarning
-
-VALUE = "pyprune_value"
 
 # Modules fx must not trace into: besides the layers with a spec (a MaskedConv2d's
 # forward calls custom ops, a BatchNorm's calls F.batch_norm), these reshape or
@@ -41,25 +41,13 @@ class Traced:
     by_execution: bool
 
 
-def summarize(value):
-    """A run's value with tensors replaced by their shape and dtype."""
-    if isinstance(value, torch.Tensor):
-        return TensorMeta(tuple(value.shape), value.dtype)
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        items = [summarize(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, dict):
-        return {k: summarize(v) for k, v in value.items()}
-    return value
-
-
 def leaf_predicate(ignored: set[int]):
     """Whether a module is traced as one opaque node: ignored modules, the layers
     the analysis knows, and torch.nn's own modules (fx's default rule)."""
     default = fx.Tracer()
 
     def is_leaf(module: nn.Module, qualname: str = "") -> bool:
-        if id(module) in ignored or spec_for(module) is not None or isinstance(module, OPAQUE_OK):
+        if id(module) in ignored or spec_for(module) is not None or module_class_rule(module) is not None or isinstance(module, OPAQUE_OK):
             return True
         if isinstance(module, CONTAINERS):  # never called themselves: look inside
             return False
@@ -70,7 +58,8 @@ def leaf_predicate(ignored: set[int]):
 
 class _LeafTracer(fx.Tracer):
     def __init__(self, is_leaf):
-        super().__init__()
+        # functions a user declared a rule for are one node each, not traced into
+        super().__init__(autowrap_functions=user_functions())
         self._is_leaf = is_leaf
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -127,8 +116,6 @@ def trace_with_fx(model: nn.Module, args: tuple, is_leaf) -> fx.Graph:
 def trace_model(model: nn.Module, example_inputs, ignored: set[int]) -> Traced:
     """The model's graph with recorded values: torch.fx first, execution tracing
     (with a warning) when fx fails."""
-    from .fallback import trace_by_execution
-
     args = positional_inputs(model, example_inputs)
     is_leaf = leaf_predicate(ignored)
     with analysis_mode(model):
