@@ -100,7 +100,7 @@ def register_importance(name: str, factory: ImportanceFactory, *, replace: bool 
     under ``name``, for ``TaylorPruner(importance=name)`` and ``pyprune taylor
     --criterion name`` (register before calling :func:`pyprune_ext.cli.main`).
     ``replace=True`` replaces an existing registration. Returns ``factory``."""
-    if not isinstance(name, str) or not name or name != name.strip() or any(c.isspace() for c in name):
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
         raise ValueError(f"an importance criterion's name is a non-empty string without spaces, got {name!r}")
     if follows_protocol(factory):
         raise TypeError(f"register_importance({name!r}, ...) takes a factory that builds an Importance for "
