@@ -21,6 +21,10 @@ def is_launcher(args) -> bool:
 
 
 def check_nproc(args) -> None:
+    from ..taylor.importance import is_builtin  # here, not at the top: the CLI imports taylor when it needs it
+    if args.command == "taylor" and not is_builtin(args.criterion):
+        raise UsageError(f"--criterion {args.criterion} is registered in this process only: the --nproc {args.nproc} "
+                         "processes torchrun starts would not know it (use a built-in criterion or --nproc 1)")
     if args.device == "cuda" and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
         raise UsageError(f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs; "
                          f"{torch.cuda.device_count()} are visible")

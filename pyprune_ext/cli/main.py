@@ -70,14 +70,17 @@ def _shared_options() -> argparse.ArgumentParser:
 
 
 def _taylor_parser(sub, shared) -> None:
-    from ..taylor import CRITERIA
+    from ..taylor import registered_importances  # importing it registers the built-in criteria
     p = sub.add_parser("taylor", parents=[shared], help=COMMANDS["taylor"], description=COMMANDS["taylor"])
     g = p.add_argument_group("pruning")
     target = g.add_mutually_exclusive_group()
     target.add_argument("--target-flops", type=FRACTION_KEPT, help="fraction of FLOPs (MACs) to keep (default 0.5)")
     target.add_argument("--target-params", type=FRACTION_KEPT, help="fraction of parameters to keep")
     target.add_argument("--channels", type=POSITIVE_INT, help="number of channels to remove")
-    g.add_argument("--criterion", choices=CRITERIA, default="fo_bn", help="importance estimate (default fo_bn)")
+    # Read when the parser is built: criteria registered before main() runs are choices too.
+    g.add_argument("--criterion", choices=registered_importances(), default="fo_bn",
+                   help="importance criterion: a Taylor estimate or one registered with "
+                        "pyprune_ext.taylor.register_importance (default fo_bn)")
     g.add_argument("--every", type=POSITIVE_INT, default=10, help="minibatches between pruning steps (default 10)")
     g.add_argument("--prune-per-step", type=POSITIVE_INT, help="channels per step (default 2%% of them)")
     g.add_argument("--scope", choices=("global", "local"), default="global", help="ranking (default global)")

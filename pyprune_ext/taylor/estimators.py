@@ -51,6 +51,9 @@ averages them (for ``fo_weight`` that all-reduces the filters' gradients: use
 Memory: a gate hook keeps a reference to the layer's output only until the
 backward pass reaches that output (autograd usually holds it anyway); nothing
 is stored when the forward runs without gradients.
+
+These five are the built-in criteria of the importance registry
+(:mod:`pyprune_ext.taylor.importance`), where criteria of your own are added.
 """
 
 from __future__ import annotations
@@ -385,6 +388,7 @@ class TaylorImportance:
             device = first.device if first is not None else torch.device("cpu")
         self.criterion = criterion
         self.groups = list(groups)
+        self._attached = False
         self.scores = GroupScores([g.size for g in self.groups], torch.device(device))
         everything = range(len(self.groups))
         if criterion == "fo_bn":
@@ -403,13 +407,18 @@ class TaylorImportance:
             self.parts = [GateEstimator(model, groups, self.scores, everything, criterion, sync)]
 
     def attach(self) -> "TaylorImportance":
-        for part in self.parts:
-            part.attach()
+        """Installs the hooks; a second call does nothing (hooks installed twice
+        would count every minibatch twice)."""
+        if not self._attached:
+            for part in self.parts:
+                part.attach()
+            self._attached = True
         return self
 
     def detach(self) -> None:
         for part in self.parts:
             part.detach()
+        self._attached = False
 
     def end_minibatch(self) -> bool:
         """Adds the last backward pass's scores; False when no backward pass

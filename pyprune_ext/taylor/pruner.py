@@ -55,7 +55,7 @@ from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
 from ..graph.surgery import zeroed_parameters
-from .estimators import TaylorImportance
+from .importance import build_importance, read_scores
 from .report import PruningReport, estimate_cost
 
 
@@ -123,8 +123,14 @@ class TaylorPruner:
         model: the model to prune (modified in place).
         example_inputs: a tensor or tuple of tensors the model runs on (for the
             dependency analysis and the FLOPs/parameter counts).
-        criterion: ``fo_bn`` (default), ``fo_gate``, ``fo_fg``, ``fo_weight`` or
-            ``so_fisher`` (see :mod:`pyprune_ext.taylor.estimators`).
+        importance: what channels are ranked by: the name of a registered
+            criterion (:func:`~pyprune_ext.taylor.registered_importances`; built
+            in: ``fo_bn``, the default, ``fo_gate``, ``fo_fg``, ``fo_weight``,
+            ``so_fisher``, see :mod:`pyprune_ext.taylor.estimators`), an object
+            following the :class:`~pyprune_ext.taylor.Importance` protocol built
+            for this model's groups (pass the same list as ``groups=``), or a
+            factory ``(model, groups, **options) -> Importance`` (a class).
+        criterion: the older name of ``importance`` (give one of the two).
         target: when to stop: ``Target.flops(keep)``, ``Target.params(keep)``,
             ``Target.channels(n)``; an int means channels, a float FLOPs kept.
         prune_per_step: channels removed per pruning step (default: 2% of the
@@ -150,11 +156,13 @@ class TaylorPruner:
     LayerNorm over channels), are left alone. A group never loses its last channel.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, criterion: str = "fo_bn", *, target=None,
+    def __init__(self, model: nn.Module, example_inputs, importance=None, *, criterion=None, target=None,
                  prune_per_step: int | None = None, every: int = 30, ignore: Iterable[nn.Module] = (),
                  round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool = False,
                  square_then_sum: bool = False, groups: Sequence | None = None,
                  distributed: bool | None = None, process_group=None):
+        if importance is not None and criterion is not None:
+            raise TypeError("TaylorPruner: give importance= or its older name criterion=, not both")
         self.target = _as_target(target)
         model = dist_utils.unwrap_model(model, "TaylorPruner")
         self.sync = dist_utils.sync_for(distributed, process_group)
@@ -179,8 +187,11 @@ class TaylorPruner:
             raise ValueError(f"prune_per_step must be >= 1, got {prune_per_step}")
         device = next(model.parameters()).device
         self.alive = {i: torch.ones(self.groups[i].size, dtype=torch.bool) for i in self.prunable}
-        self.importance = TaylorImportance(model, self.groups, criterion, square_then_sum, device,
-                                           sync=self.sync).attach()
+        if importance is None:
+            importance = criterion if criterion is not None else "fo_bn"
+        self.importance = build_importance(importance, model, self.groups, device=device, sync=self.sync,
+                                           square_then_sum=square_then_sum)
+        self.importance.attach()
         self._ema: dict[int, Tensor] = {}
         self._zeroed: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(param) -> (param, dim, indices along dim)
         self._modules = dict(model.named_modules())
@@ -226,10 +237,10 @@ class TaylorPruner:
     # ------------------------------------------------------------- scoring
 
     def _smoothed_scores(self) -> dict[int, Tensor]:
-        means = self.importance.means()
+        means = read_scores(self.importance, self.groups, self.prunable)
         scores = {}
         for i in self.prunable:
-            score = means[i].cpu()
+            score = means[i]
             if i in self._ema and self.momentum > 0:
                 score = self.momentum * self._ema[i] + (1 - self.momentum) * score
             self._ema[i] = score
