@@ -96,3 +96,36 @@ def test_mobilenet_v2():
     _, _, pruned = check_prune(model, x)
     dw = pruned.features[2].conv[1][0]
     assert dw.groups == dw.in_channels == dw.out_channels == pruned.features[2].conv[0][0].out_channels
+
+
+def test_regnet_grouped_convs_lose_whole_groups():
+    """RegNet's 3x3 convs are grouped (group width 16 in regnet_x_400mf): their
+    groups are pruned whole, with the 1x1 convs around them."""
+    model = torchvision.models.regnet_x_400mf(weights=None)
+    x = image(64)
+    groups = dependency_groups(model, x)
+    assert_partition(groups)
+    inner = with_member(groups, "trunk_output.block1.block1-0.f.b.0", "in")
+    assert inner.prunable and inner.exact_masking
+    assert {m.span for m in inner.members} == {16}  # one unit = one conv group of 16 channels
+    _, plan, pruned = check_prune(model, x)
+    conv = pruned.get_submodule("trunk_output.block1.block1-0.f.b.0")
+    assert conv.in_channels == conv.out_channels == 16 * conv.groups
+
+
+def test_pruned_zoo_model_exports_and_pickles():
+    """torch.export and torch.save(model) of a pruned model: plain torch modules only."""
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    x = image(64, batch=1)
+    _, _, pruned = check_prune(model, x)
+    pruned.eval()
+    exported = torch.export.export(pruned, (x,))
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), pruned(x), rtol=1e-5, atol=1e-6)
+    import io
+    buffer = io.BytesIO()
+    torch.save(pruned, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), pruned(x))
