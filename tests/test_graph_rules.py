@@ -152,20 +152,21 @@ def test_model_with_a_custom_layer_and_a_custom_op(user_rules):
         unregister_layer(Scale)
 
 
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.b(soft_gate(self.a(x))).mean((2, 3))
+
+
 def test_opaque_rule_blocks_without_a_warning():
     register_op_rule(soft_gate, Opaque("mixes the channels (a user's reason)"))
     try:
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
-
-            def forward(self, x):
-                return self.b(soft_gate(self.a(x))).mean((2, 3))
-
         with warnings.catch_warnings():
             warnings.simplefilter("error", GraphAnalysisWarning)
-            _, a = groups_of(Net(), torch.randn(2, 3, 8, 8), "a")
+            _, a = groups_of(Gated(), torch.randn(2, 3, 8, 8), "a")
         assert not a.prunable and "mixes the channels (a user's reason)" in a.reason
     finally:
         unregister_op_rule(soft_gate)
@@ -181,15 +182,7 @@ def test_custom_rule_subclass_sees_the_call():
 
     register_op_rule(soft_gate, Spy())
     try:
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
-
-            def forward(self, x):
-                return self.b(soft_gate(self.a(x))).mean((2, 3))
-
-        _, a = groups_of(Net(), torch.randn(2, 3, 8, 8), "a")
+        _, a = groups_of(Gated(), torch.randn(2, 3, 8, 8), "a")
         assert a.prunable and len(seen) == 1 and "soft_gate" in seen[0][0] and seen[0][1] == 1
     finally:
         unregister_op_rule(soft_gate)

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from .layouts import Elements, TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
 from .optable import describe
+from .specs import spec_for
 from .structs import GraphAnalysisWarning
 from .recording import VALUE
 
@@ -105,14 +106,16 @@ class Analyzer:
         return self.producer_ids[name]
 
     def note_gate(self, name: str, node: fx.Node, channel_dim: int) -> None:
-        """Where a producer's channels are observed: the BatchNorm that directly and
+        """Where a producer's channels are observed: the normalisation (a layer
+        whose spec has ``gate_after``: BatchNorm, GroupNorm) that directly and
         exclusively follows it (the paper's gate sits after BN), else its own output."""
         users = list(node.users)
         gate = (name, channel_dim)
         if self.calls.get(name, 0) == 1 and len(users) == 1 and users[0].op == "call_module":
             follower = users[0]
             module = self.model.get_submodule(follower.target)
-            if (isinstance(module, nn.modules.batchnorm._BatchNorm) and follower.args
+            spec = spec_for(module)
+            if (spec is not None and spec.gate_after and follower.args
                     and follower.args[0] is node and follower.target not in self.ignored):
                 gate = (follower.target, 1)
         self.gate_of[name] = gate

@@ -96,11 +96,14 @@ class LayerSpec:
 
     ``cost``: whether :func:`pyprune_ext.cost.count_cost` lists the layer (it
     then needs ``features`` and ``macs``). ``ticket_weights``: the parameters
-    lottery-ticket pruning prunes by default.
+    lottery-ticket pruning prunes by default. ``gate_after``: see below.
     """
 
     cost: bool = True
     ticket_weights: tuple[str, ...] = ()
+    # a per-channel affine normalisation on dim 1 (y = gamma * xhat + beta): directly after a
+    # producer, its output is the Taylor gate, and gamma/beta gradients give the gate's (fo_bn)
+    gate_after: bool = False
 
     # -- structure ----------------------------------------------------------------------
     def axes(self, module: nn.Module) -> dict[str, Axis]:
@@ -254,6 +257,17 @@ def couple_whole_groups(an: "Analyzer", in_ids: np.ndarray, out_ids: np.ndarray,
         an.elements.union_arrays(np.full(len(unit) - 1, unit[0]), unit[1:])
 
 
+def follow_channels(an: "Analyzer", name: str, role: str, x, meta, dim: int, inexact: str | None = None):
+    """A layer that keeps its input's channels on ``dim``: its axis ``role`` carries
+    them, the output has them on the same dim; ``inexact``: why masking them is
+    not removal (a zeroed channel does not stay zero)."""
+    ids = an.channels_in(x, dim, name)
+    an.elements.attach(name, role, ids)
+    if inexact:
+        an.elements.mark_inexact(ids, inexact)
+    return an.tracked_like(meta, dim, ids)
+
+
 # -- convolutions ---------------------------------------------------------------------------------
 class ConvSpec(LayerSpec):
     """Conv1d/2d/3d (and MaskedConv2d). groups == 1: output channels (weight dim
@@ -371,17 +385,15 @@ class BatchNormSpec(_NormSpec):
     running statistics on dim 1 (dim 0 unbatched). Without affine parameters
     a zeroed channel becomes -mean/std, not zero: masking is not exact."""
 
+    gate_after = True
+
     def axes(self, module):
         dims = _present(module, {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0})
         return {"norm": Axis(module.num_features, dims, in_feature=True, out_feature=True)}
 
     def analyse(self, an, node, name, module, x, meta):
-        cd = 1 if len(x.shape) > 1 else 0
-        ids = an.channels_in(x, cd, name)
-        an.elements.attach(name, "norm", ids)
-        if not module.affine:
-            an.elements.mark_inexact(ids, f"{name} has no affine weight/bias to zero")
-        return an.tracked_like(meta, cd, ids)
+        return follow_channels(an, name, "norm", x, meta, 1 if len(x.shape) > 1 else 0,
+                               None if module.affine else f"{name} has no affine weight/bias to zero")
 
     def resize(self, module, lengths):
         module.num_features = lengths["norm"]
@@ -436,6 +448,8 @@ class GroupNormSpec(_NormSpec):
     zeroed group normalises to zero (and its affine entries are zeroed), the
     other groups' statistics do not change: masking is exact."""
 
+    gate_after = True
+
     def axes(self, module):
         return {"norm": Axis(module.num_channels, _present(module, {"weight": 0, "bias": 0}),
                              in_feature=True, out_feature=True)}
@@ -485,11 +499,8 @@ class ChannelwiseSpec(LayerSpec):
     def analyse(self, an, node, name, module, x, meta):
         nd = len(x.shape)
         cd = self.channel_dim % nd if nd > 1 or self.unbatched_channel_dim is None else self.unbatched_channel_dim
-        ids = an.channels_in(x, cd, name)
-        an.elements.attach(name, "channel", ids)
-        if not self.zero_preserving:
-            an.elements.mark_inexact(ids, f"{name} ({type(module).__name__}) maps 0 to a non-zero value")
-        return an.tracked_like(meta, cd, ids)
+        return follow_channels(an, name, "channel", x, meta, cd, None if self.zero_preserving else
+                               f"{name} ({type(module).__name__}) maps 0 to a non-zero value")
 
     def resize(self, module, lengths):
         if self.size_attr:
