@@ -49,11 +49,11 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
+from ..masking import ZeroKeeper
 from .estimators import TaylorImportance
 from .report import PruningReport, estimate_cost
 
@@ -185,14 +185,13 @@ class TaylorPruner:
         self.importance = TaylorImportance(model, self.groups, criterion, square_then_sum, device,
                                            sync=self.sync).attach()
         self._ema: dict[int, Tensor] = {}
-        self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (param, channel indices along dim 0)
+        self._zeros = ZeroKeeper()  # masked channels, held at zero after every optimizer step
         self._modules = dict(model.named_modules())
         self.cost_before: ModelCost = count_cost(model, self.example_inputs)
         self.history: list[PruneStep] = []
         self.minibatches = 0
         self.done = False
         self.finalized = False
-        self._hook = register_optimizer_step_post_hook(self._rezero_after_step)
 
     # ------------------------------------------------------------------ loop
 
@@ -316,32 +315,12 @@ class TaylorPruner:
                 continue
             module = self._modules[member.name]
             for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
-                if param is None:
-                    continue
-                rows = (index + member.offset).to(param.device)
-                previous = self._zeroed.get(id(param))
-                if previous is not None:
-                    rows = torch.cat([previous[1], rows]).unique()
-                self._zeroed[id(param)] = (param, rows)
-        self._zero_now(None)
+                if param is not None:
+                    self._zeros.add_indices(param, 0, index + member.offset)
 
     def _check_ranks_agree(self, what: str, tensors) -> None:
         if self.sync is not None:
             dist_utils.check_same_on_all_ranks(what, dist_utils.tensor_bytes(tensors), self.sync.group)
-
-    @torch.no_grad()
-    def _zero_now(self, optimizer) -> None:
-        for param, rows in self._zeroed.values():
-            param.index_fill_(0, rows, 0)
-            if optimizer is None:
-                continue
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.index_fill_(0, rows, 0)
-
-    def _rezero_after_step(self, optimizer, args, kwargs) -> None:
-        if not self.finalized and self._zeroed:
-            self._zero_now(optimizer)
 
     # ------------------------------------------------------------ progress
 
@@ -392,7 +371,8 @@ class TaylorPruner:
         if self.finalized:
             return self.model
         self.importance.detach()
-        self._hook.remove()
+        self._zeros.remove()
+        self._zeros.clear()  # its indices are of the shapes before removal
         keep = {i: a.nonzero().flatten() for i, a in self.alive.items() if not bool(a.all())}
         remove_channels(self.model, self.groups, keep)
         self._check_ranks_agree("the finalized model's parameter shapes",
@@ -419,7 +399,7 @@ class TaylorPruner:
     def remove(self) -> None:
         """Detaches every hook without finalizing (masked channels stay zero)."""
         self.importance.detach()
-        self._hook.remove()
+        self._zeros.remove()
         self.done = True
 
 
