@@ -191,8 +191,9 @@ class ZeroKeeper:
     def add_mask(self, param: Tensor, mask: Tensor) -> None:
         """Holds ``param`` at zero where ``mask`` is False, in addition to what is
         already held for it (the masks are ANDed)."""
-        held = self._entry(param)
-        mask = self._checked_mask(param, mask, copy=held.keep is None)
+        held = self._lookup(param)
+        mask = self._checked_mask(param, mask, copy=held is None or held.keep is None)
+        held = held or self._entry(param)
         held.keep = mask if held.keep is None else held.keep & mask.to(held.keep.device)
         held.changed()
         self._zero_param(param, held)
@@ -202,7 +203,7 @@ class ZeroKeeper:
         was held for it (indices included). ``copy=False`` keeps a bool mask that is
         already on the parameter's device without copying it: the caller then
         promises to call ``set_mask`` again after changing it."""
-        mask = self._checked_mask(param, mask, copy=copy)
+        mask = self._checked_mask(self._checked_param(param), mask, copy=copy)
         held = self._entry(param)
         held.keep, held.rows = mask, {}
         held.changed()
@@ -212,7 +213,7 @@ class ZeroKeeper:
         """Holds the slices ``indices`` of ``param`` along ``dim`` at zero (e.g. dim 0:
         output channels of a Conv2d or Linear weight, dim 1: of a ConvTranspose2d
         weight, dim -1: a LayerNorm's channels), added to what is already held."""
-        dim = self._checked_dim(param, dim)
+        dim = self._checked_dim(self._checked_param(param), dim)
         rows = self._checked_indices(param, dim, indices)
         if rows.numel() == 0:
             return
