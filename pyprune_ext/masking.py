@@ -69,11 +69,19 @@ def _after_any_step(optimizer, args, kwargs) -> None:
     if not _GLOBAL_KEEPERS:  # the usual case when nothing is masked: one length check
         return
     keepers = [keeper for keeper in list(_GLOBAL_KEEPERS) if keeper._held]
-    if not keepers:
-        return
+    if keepers:
+        _zero_after_step(keepers, optimizer)
+
+
+def _zero_after_step(keepers: "List[ZeroKeeper]", optimizer) -> None:
+    """Lets the keepers holding parameters of ``optimizer`` zero them (the others,
+    e.g. another model's, are skipped by one set operation each)."""
     stepped = _param_ids(optimizer)
-    for keeper in keepers:
-        keeper._after_step(optimizer, stepped)
+    keepers = [keeper for keeper in keepers if not stepped.isdisjoint(keeper._held)]
+    if keepers:
+        with torch.no_grad():  # once per step, not per keeper: entering it costs microseconds
+            for keeper in keepers:
+                keeper._after_step(optimizer, stepped)
 
 
 def _ensure_global_hook() -> None:
@@ -91,7 +99,7 @@ def _attached_hook(keeper_ref: "weakref.ref[ZeroKeeper]"):
     def hook(optimizer, args, kwargs) -> None:
         keeper = keeper_ref()
         if keeper is not None and keeper._held:
-            keeper._after_step(optimizer, _param_ids(optimizer))
+            _zero_after_step([keeper], optimizer)
     return hook
 
 
@@ -120,7 +128,7 @@ class _Held:
         if param.shape != self.shape:
             raise RuntimeError(
                 f"ZeroKeeper: a parameter changed shape from {list(self.shape)} to {list(param.shape)} "
-                f"since its zeros were registered; discard(param) it and register the new zeros")
+                f"since its zeros were registered; discard(param) and register its new zeros")
 
     def zero(self, tensor: Tensor, is_param: bool) -> None:
         """Zeroes ``tensor`` (the parameter or a state tensor shaped like it) at the
@@ -165,8 +173,11 @@ class ZeroKeeper:
             Then each optimizer's state is zeroed once per change of what is held
             (and when the state tensors are replaced, e.g. created at the first
             step or loaded), not after every step: with zero gradients and zero
-            weights, momentum and moments stay zero by themselves. The weights
-            are re-zeroed after every step either way.
+            weights, momentum and moments stay zero by themselves (state that is
+            not a running sum of gradients may drift, e.g. Adamax's running max
+            becomes eps and Rprop's step size its minimum, but moves no weight
+            with a zero gradient). The weights are re-zeroed after every step
+            either way.
 
     A parameter is any tensor an optimizer updates (usually an ``nn.Parameter``).
     Masks are bool tensors of the parameter's shape, True where the value is kept
@@ -277,27 +288,34 @@ class ZeroKeeper:
             for value in _state_tensors(param, state or {}):
                 held.zero(value, is_param=False)
 
-    @torch.no_grad()
     def _after_step(self, optimizer, stepped: set) -> None:
-        cleaned = self._cleaned.setdefault(optimizer, {}) if self.grads_masked else None
+        """Zeroes the held entries of the parameters ``optimizer`` just stepped
+        (called under no_grad), and their state (see ``grads_masked``)."""
+        cleaned = None
+        if self.grads_masked:
+            cleaned = self._cleaned.get(optimizer)
+            if cleaned is None:
+                cleaned = self._cleaned[optimizer] = {}
         for key, held in list(self._held.items()):
             if key not in stepped:  # another optimizer's parameter: not ours to touch now
                 continue
             param = held.ref()
             if param is None:
                 continue
-            held.check_shape(param)
+            if param.shape != held.shape:
+                held.check_shape(param)
             held.zero(param, is_param=True)
             state = optimizer.state.get(param)
-            if not state:
+            if not state:  # no state yet (made lazily at a first step with a gradient)
                 continue
-            values = _state_tensors(param, state)
             if cleaned is not None:
-                stamp = (held.version, tuple(id(v) for v in values))
+                # The per-parameter state dict is new when the state is loaded or
+                # rebuilt, and grows when a first step fills it: either way clean again.
+                stamp = (held.version, id(state), len(state))
                 if cleaned.get(key) == stamp:
                     continue
                 cleaned[key] = stamp
-            for value in values:
+            for value in _state_tensors(param, state):
                 held.zero(value, is_param=False)
 
     @torch.no_grad()
