@@ -95,6 +95,24 @@ def test_dropped_taylor_pruner_is_collected_and_stops_zeroing():
     assert_plain_sgd_untouched(Tiny())
 
 
+@pytest.mark.parametrize("end", ["remove", "finalize"])
+def test_taylor_pruner_remove_and_finalize_release_its_keeper(end):
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = data()
+    pruner = TaylorPruner(model, x[:2], target=Target.channels(1), every=1, prune_per_step=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pruner.step()
+    assert pruner.channels_removed == 1 and len(pruner._zeros) > 0
+    getattr(pruner, end)()
+    assert not pruner._zeros.active
+    if end == "finalize":
+        assert len(pruner._zeros) == 0  # its indices belonged to the shapes before removal
+    assert_plain_sgd_untouched(model)
+
+
 def test_dropped_masked_model_is_collected_and_other_models_are_untouched():
     torch.manual_seed(1)
     model = Tiny()
