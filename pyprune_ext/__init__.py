@@ -42,7 +42,8 @@ def _load_extension() -> None:
 
 _load_extension()
 
-from . import nn, ops  # noqa: E402
+from . import masking, nn, ops  # noqa: E402
+from .masking import ZeroKeeper  # noqa: E402
 from .ops import (apply_mask, magnitude_prune, magnitude_threshold, masked_conv2d,  # noqa: E402
                   masked_linear, mask_pack, sparse_masked_conv2d, sparse_masked_linear, taylor_channel_stats, taylor_channel_stats_,
                   taylor_weight_stats)
@@ -72,6 +73,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "ZeroKeeper",
     "apply_mask",
     "build_info",
     "magnitude_prune",
@@ -79,6 +81,7 @@ __all__ = [
     "mask_pack",
     "masked_conv2d",
     "masked_linear",
+    "masking",
     "nn",
     "ops",
     "sparse_masked_conv2d",

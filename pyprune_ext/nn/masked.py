@@ -7,12 +7,13 @@ How zeros are kept (two mechanisms, both needed):
   is exactly zero.
 * Zero gradients are not enough: momentum, Adam moments or weight decay carried
   over from before pruning (or a user writing to the weights) would move pruned
-  weights. So every masked module is re-zeroed right after each optimizer step,
-  by a global ``torch.optim`` step post-hook (one in-place pass,
-  ``ops.apply_mask_``), and the optimizer's state tensors of that weight
-  (momentum buffers, Adam moments) are zeroed at pruned positions once per mask
-  change and optimizer (with zero gradients and zeroed weights they then stay
-  zero in SGD, Adam and AdamW; the per-step weight re-zeroing covers the rest).
+  weights. So every masked module's weight is held by a
+  :class:`pyprune_ext.masking.ZeroKeeper`: re-zeroed right after each optimizer
+  step (one in-place pass, ``ops.apply_mask_``), and the optimizer's state
+  tensors of that weight (momentum buffers, Adam moments) zeroed at pruned
+  positions once per mask change and optimizer (``grads_masked``: with zero
+  gradients and zeroed weights they then stay zero by themselves; the per-step
+  weight re-zeroing covers the rest). The keeper lives as long as the module.
 
 The parameter stays ``weight`` (no ``weight_orig`` / ``weight_mask`` pair) and
 the mask is a bool buffer ``mask``: ``state_dict`` keys are ``weight``,
@@ -27,9 +28,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
+from ..masking import ZeroKeeper
 
 # Density at or below which MaskedLinear uses the sparse path, per device type,
 # when it trains (autograd records the call: forward + backward) and in
@@ -61,44 +62,15 @@ SPARSE_CONV_DENSITY_THRESHOLD = {"cpu": 0.25}
 
 _MASKED_LINEAR = torch.ops.pyprune.masked_linear.default
 
-_LIVE_MODULES: "weakref.WeakSet[_MaskedMixin]" = weakref.WeakSet()
-_HOOK_HANDLE = None
-
-
-# optimizer -> {id(module): the module's mask token when that optimizer's state
-# was last zeroed at its pruned positions}.
-_STATE_CLEANED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _rezero_after_step(optimizer, args, kwargs) -> None:
-    """Step post-hook for every optimizer: re-zero pruned weights (every step,
-    one in-place pass) and their optimizer state (once per mask change: with the
-    weights zeroed and their gradients exactly zero, momentum and Adam moments
-    at pruned positions stay zero by themselves)."""
-    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    cleaned = _STATE_CLEANED.setdefault(optimizer, {})
-    for module in list(_LIVE_MODULES):
-        weight = module.weight
-        if id(weight) not in params:
-            continue
-        with torch.no_grad():
-            ops.apply_mask_(weight, module.mask)
-            if cleaned.get(id(module)) != module._mask_token:
-                for value in optimizer.state.get(weight, {}).values():
-                    if isinstance(value, Tensor) and value.shape == weight.shape:
-                        ops.apply_mask_(value, module.mask)
-                cleaned[id(module)] = module._mask_token
+# masked module -> the keeper holding its weight's pruned entries at zero. Kept
+# beside the module, not in it: the module's lifetime is the keeper's (a dropped
+# module's weight, still used by a plain layer after unmask_model, is no longer
+# masked), and copies and pickles of the module make their own keeper.
+_KEEPERS: "weakref.WeakKeyDictionary[_MaskedMixin, ZeroKeeper]" = weakref.WeakKeyDictionary()
 
 
 def _refresh_after_load(module, incompatible_keys) -> None:
     module._mask_changed()
-
-
-def _register(module: "_MaskedMixin") -> None:
-    global _HOOK_HANDLE
-    _LIVE_MODULES.add(module)
-    if _HOOK_HANDLE is None:
-        _HOOK_HANDLE = register_optimizer_step_post_hook(_rezero_after_step)
 
 
 class _MaskedMixin:
@@ -114,21 +86,33 @@ class _MaskedMixin:
         self._sparse_threshold_override: Optional[float] = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self._mask_changed()
-        _register(self)
 
     def _mask_changed(self) -> None:
         """Zeroes newly pruned weights and refreshes what is derived from the mask:
         the packed form and the path choice (plain Python values, so
         torch.compile needs no data-dependent branch)."""
         self._packed = None
-        self._mask_token = object()  # new identity per mask change (see _rezero_after_step)
         # (from_dense first builds the module on the meta device: no values yet)
         self._cached_density = 1.0 if self.mask.is_meta else self.density
-        self.apply_mask_()
+        self._hold_pruned_at_zero()
         self._choose_path()
 
+    def _hold_pruned_at_zero(self) -> None:
+        """Zeroes the pruned weights now and after every optimizer step (see the
+        module docs); the mask is shared with the keeper, not copied."""
+        keeper = _KEEPERS.get(self)
+        if keeper is None:
+            keeper = _KEEPERS[self] = ZeroKeeper(grads_masked=True)
+        keeper.clear()  # the weight may be another Parameter than last time
+        if not self.weight.is_meta:
+            keeper.set_mask(self.weight, self.mask, copy=False)
+
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .double(): the mask buffer is replaced
+        keeper = _KEEPERS.get(self)
+        if keeper is not None:  # its weak reference to the weight would stop torch.utils.swap_tensors
+            keeper.clear()
         result = super()._apply(fn, recurse)
+        self._hold_pruned_at_zero()
         self._choose_path()
         return result
 
@@ -238,7 +222,7 @@ class _MaskedMixin:
         super().__setstate__(state)
         if "_sparse_path" not in self.__dict__:  # pickled by a version that chose the path per call
             self._choose_path()
-        _register(self)
+        self._hold_pruned_at_zero()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", density={self.density:.4f}"

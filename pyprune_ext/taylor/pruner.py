@@ -49,12 +49,12 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
 from ..graph.surgery import zeroed_parameters
+from ..masking import ZeroKeeper
 from .importance import build_importance, read_scores
 from .report import PruningReport, estimate_cost
 
@@ -193,14 +193,13 @@ class TaylorPruner:
                                            square_then_sum=square_then_sum)
         self.importance.attach()
         self._ema: dict[int, Tensor] = {}
-        self._zeroed: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(param) -> (param, dim, indices along dim)
+        self._zeros = ZeroKeeper()  # masked channels, held at zero after every optimizer step
         self._modules = dict(model.named_modules())
         self.cost_before: ModelCost = count_cost(model, self.example_inputs)
         self.history: list[PruneStep] = []
         self.minibatches = 0
         self.done = False
         self.finalized = False
-        self._hook = register_optimizer_step_post_hook(self._rezero_after_step)
 
     # ------------------------------------------------------------------ loop
 
@@ -322,30 +321,11 @@ class TaylorPruner:
         for member in group.members:
             positions = ((member.offset + index)[:, None] * member.span + torch.arange(member.span)).reshape(-1)
             for param, dim in zeroed_parameters(self._modules[member.name], member.role):
-                rows = positions.to(param.device)
-                previous = self._zeroed.get(id(param))
-                if previous is not None:
-                    rows = torch.cat([previous[2], rows]).unique()
-                self._zeroed[id(param)] = (param, dim, rows)
-        self._zero_now(None)
+                self._zeros.add_indices(param, dim, positions)
 
     def _check_ranks_agree(self, what: str, tensors) -> None:
         if self.sync is not None:
             dist_utils.check_same_on_all_ranks(what, dist_utils.tensor_bytes(tensors), self.sync.group)
-
-    @torch.no_grad()
-    def _zero_now(self, optimizer) -> None:
-        for param, dim, rows in self._zeroed.values():
-            param.index_fill_(dim, rows, 0)
-            if optimizer is None:
-                continue
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.index_fill_(dim, rows, 0)
-
-    def _rezero_after_step(self, optimizer, args, kwargs) -> None:
-        if not self.finalized and self._zeroed:
-            self._zero_now(optimizer)
 
     # ------------------------------------------------------------ progress
 
@@ -396,7 +376,8 @@ class TaylorPruner:
         if self.finalized:
             return self.model
         self.importance.detach()
-        self._hook.remove()
+        self._zeros.remove()
+        self._zeros.clear()  # its indices are of the shapes before removal
         keep = {i: a.nonzero().flatten() for i, a in self.alive.items() if not bool(a.all())}
         remove_channels(self.model, self.groups, keep)
         self._check_ranks_agree("the finalized model's parameter shapes",
@@ -423,7 +404,7 @@ class TaylorPruner:
     def remove(self) -> None:
         """Detaches every hook without finalizing (masked channels stay zero)."""
         self.importance.detach()
-        self._hook.remove()
+        self._zeros.remove()
         self.done = True
 
 
