@@ -95,6 +95,19 @@ def test_dropped_taylor_pruner_is_collected_and_stops_zeroing():
     assert_plain_sgd_untouched(Tiny())
 
 
+def test_dropped_unfinished_taylor_pruner_takes_its_hooks_off_the_model():
+    model = Tiny()
+    x, y = data()
+    pruner = TaylorPruner(model, x[:2], "fo_gate", target=Target.channels(3), every=100)
+    F.cross_entropy(model(x), y).backward()
+    pruner.step()
+    assert not pruner.done and any(m._forward_hooks for m in model.modules())
+    pruner_ref = weakref.ref(pruner)
+    del pruner
+    gc.collect()
+    assert pruner_ref() is None and not any(m._forward_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("end", ["remove", "finalize"])
 def test_taylor_pruner_remove_and_finalize_release_its_keeper(end):
     torch.manual_seed(0)

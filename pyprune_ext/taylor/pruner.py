@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -192,6 +193,9 @@ class TaylorPruner:
         self.importance = build_importance(importance, model, self.groups, device=device, sync=self.sync,
                                            square_then_sum=square_then_sum)
         self.importance.attach()
+        # a pruner dropped before finishing takes its hooks off the model (the callback holds
+        # the importance object, not the pruner, so it does not keep the pruner alive)
+        self._detach_when_collected = weakref.finalize(self, self.importance.detach)
         self._ema: dict[int, Tensor] = {}
         self._zeros = ZeroKeeper()  # masked channels, held at zero after every optimizer step
         self._modules = dict(model.named_modules())
