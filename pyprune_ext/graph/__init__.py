@@ -8,6 +8,12 @@ Taylor scores are measured) and whether it can be pruned at all.
 ``remove_channels`` rebuilds the affected layers smaller; ``zero_channels``
 masks the same channels in place (exactly equivalent for ``exact_masking``
 groups), for iterative pruning.
+
+Extension points: ``register_layer(cls, spec)`` tells every part of the
+library what a layer type is (``specs``: its channel axes, how it couples
+channels, how it shrinks, its cost); ``register_op_rule(op, rule)`` tells the
+analysis how an op moves channels (``rules``: a custom ``torch.ops`` op, a
+function, a module class). What is not registered is refused by name.
 """
 
 from .groups import dependency_groups
