@@ -9,7 +9,7 @@ from pyprune_ext import bench
 
 
 def test_registry_names():
-    assert bench.NAMES == ("taylor", "masked", "magnitude")
+    assert bench.NAMES == ("taylor", "masked", "magnitude", "coverage")
     assert all(isinstance(text, str) and text for text in bench.BENCHMARKS.values())
 
 
@@ -32,7 +32,7 @@ def test_help_exits_cleanly_under_the_cli_name(name, capsys):
     assert f"usage: pyprune bench {name}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["taylor", "masked", "magnitude"])
+@pytest.mark.parametrize("name", ["taylor", "masked", "magnitude", "coverage"])
 def test_repository_shims_point_at_the_package(name):
     shim = importlib.import_module(f"benchmarks.{name}")
     assert shim.main is importlib.import_module(f"pyprune_ext.bench.{name}").main

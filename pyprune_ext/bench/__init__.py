@@ -1,9 +1,11 @@
 """Kernel microbenchmarks, installed with the package: each compares one of
 pyprune_ext's ops with the plain-PyTorch ways and prints Markdown tables.
 
-    pyprune bench taylor|masked|magnitude|all [options]
+    pyprune bench taylor|masked|magnitude|coverage|all [options]
     python -m pyprune_ext.bench.<name> [options]
 
+``all`` runs the benchmarks in ``IN_ALL``: every one except those listed in
+``EXCLUDED_FROM_ALL`` (with why), which run only by name.
 A benchmark writes nothing unless given ``--json FILE``. The end-to-end
 reproductions (lottery tickets, Taylor pruning runs) stay in the repository's
 ``benchmarks/`` folder.
@@ -18,8 +20,14 @@ BENCHMARKS = {
     "taylor": "taylor_channel_stats against eager PyTorch, torch.compile and a bandwidth reference",
     "masked": "masked / sparse linear and conv layers against dense, torch.nn.utils.prune and CSR",
     "magnitude": "global magnitude pruning (radix select) against kthvalue, topk and sort",
+    "coverage": "dependency analysis and channel removal over the torchvision model zoo, beside Torch-Pruning",
 }
 NAMES = tuple(BENCHMARKS)
+# Left out of `pyprune bench all`: name -> why.
+EXCLUDED_FROM_ALL = {
+    "coverage": "slow: one subprocess per torchvision model, about an hour on a 2-core CPU",
+}
+IN_ALL = tuple(name for name in NAMES if name not in EXCLUDED_FROM_ALL)
 
 
 def run(name: str, argv: Optional[List[str]] = None) -> None:

@@ -20,7 +20,7 @@ from .common import (EPOCHS, FRACTION_KEPT, NON_NEGATIVE_INT, POSITIVE_FLOAT, PO
 COMMANDS = {
     "taylor": "prune channels with Taylor importance, fine-tune, remove them, export",
     "lottery": "find lottery tickets by iterative magnitude pruning with rewinding (resumable)",
-    "bench": "run the kernel microbenchmarks and print their tables",
+    "bench": "run the kernel microbenchmarks (or the model-zoo coverage) and print their tables",
     "info": "show the versions, what was compiled and the devices seen",
 }
 
@@ -115,10 +115,15 @@ def _lottery_parser(sub, shared) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help=COMMANDS["bench"], description=COMMANDS["bench"])
-    p.add_argument("name", nargs="?", default="all", help="taylor, masked, magnitude or all (default)")
+    p.add_argument("name", nargs="?", default="all",
+                   help="taylor, masked, magnitude, coverage or all (default: every one but coverage, "
+                        "which is slow)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     p.add_argument("--quick", action="store_true", help="a few small cases")
     p.add_argument("--json-dir", metavar="DIR", type=output_folder, help="also write <DIR>/<name>.json")
+    g = p.add_argument_group("coverage only")
+    g.add_argument("--models", metavar="A,B,C", help="torchvision model names and extra cases (default all)")
+    g.add_argument("--timeout", type=POSITIVE_FLOAT, metavar="S", help="seconds per model (default 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:
