@@ -131,6 +131,11 @@ def test_child_that_does_not_finish_is_a_timeout():
     assert "0.01 s" in record["ours"]["error"]
 
 
+def test_child_failure_names_the_signal_or_the_last_error_line():
+    assert coverage.child_failure(-9, "W1203 a log line\n") == "child killed by SIGKILL (out of memory?)"
+    assert coverage.child_failure(1, "log\nValueError: bad\n") == "child exited with code 1: ValueError: bad"
+
+
 def test_parse_child_output_ignores_other_lines():
     out = "Torch-Pruning says hello\n" + coverage.CHILD_MARKER + json.dumps({"part": "ours", "status": "ok"})
     assert coverage.parse_child_output(out) == {"ours": {"status": "ok"}}

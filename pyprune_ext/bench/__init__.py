@@ -25,7 +25,7 @@ BENCHMARKS = {
 NAMES = tuple(BENCHMARKS)
 # Left out of `pyprune bench all`: name -> why.
 EXCLUDED_FROM_ALL = {
-    "coverage": "slow: one subprocess per torchvision model, about an hour on a 2-core CPU",
+    "coverage": "slow: one subprocess per torchvision model, over an hour on a 2-core CPU",
 }
 IN_ALL = tuple(name for name in NAMES if name not in EXCLUDED_FROM_ALL)
 

@@ -42,6 +42,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -465,6 +466,20 @@ def parse_child_output(stdout: str) -> dict:
     return parts
 
 
+def child_failure(returncode: int, stderr: str) -> str:
+    """Why a child ended without reporting: the signal that killed it (SIGKILL is
+    most often the out-of-memory killer), else the last line of its stderr."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"child killed by {name}{hint}"
+    last = (stderr.strip().splitlines() or [""])[-1]
+    return f"child exited with code {returncode}: {last}"[:300]
+
+
 def run_case(name: str, timeout: float = DEFAULT_TIMEOUT, size: Optional[int] = None, device: str = "cpu",
              threads: Optional[int] = None) -> dict:
     """Measures case ``name`` in a subprocess; parts it did not finish in
@@ -479,8 +494,7 @@ def run_case(name: str, timeout: float = DEFAULT_TIMEOUT, size: Optional[int] = 
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
         stdout, missing = proc.stdout, None
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or [""])[-1]
-            missing = {"status": "error", "error": f"child exited with code {proc.returncode}: {last}"[:300]}
+            missing = {"status": "error", "error": child_failure(proc.returncode, proc.stderr)}
     except subprocess.TimeoutExpired as exc:
         stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         missing = {"status": "timeout", "error": f"not done after {timeout:g} s"}

@@ -1,4 +1,4 @@
-"""``pyprune bench``: the benchmarks of pyprune_ext.bench (kernels; model-zoo coverage by name), printing their tables."""
+"""``pyprune bench``: the benchmarks of pyprune_ext.bench (kernels; the model-zoo coverage by name)."""
 
 from __future__ import annotations
 
