@@ -78,7 +78,7 @@ def _checked_plan(model, groups, keep) -> list[tuple[int, ChannelGroup, Tensor]]
     return plan
 
 
-def _positions(m: Member, channels: Tensor) -> Tensor:
+def member_positions(m: Member, channels: Tensor) -> Tensor:
     """Module positions of group channels ``channels`` along member ``m``'s axis."""
     base = (m.offset + channels) * m.span
     return (base[:, None] + torch.arange(m.span)[None, :]).reshape(-1)
@@ -94,7 +94,7 @@ def _axis_keeps(model, plan) -> dict[str, dict[str, Tensor]]:
         for m in group.members:
             length = axis_length(model.get_submodule(m.name), m.role)
             owned = owner.setdefault((m.name, m.role), torch.full((length,), -1, dtype=torch.int64))
-            covered = _positions(m, everything)
+            covered = member_positions(m, everything)
             clash = owned[covered]
             if bool(((clash >= 0) & (clash != i)).any()):
                 other = int(clash[(clash >= 0) & (clash != i)][0])
@@ -103,7 +103,7 @@ def _axis_keeps(model, plan) -> dict[str, dict[str, Tensor]]:
             owned[covered] = i
             if dropped.numel():
                 mask = keeps[m.name].setdefault(m.role, torch.ones(length, dtype=torch.bool))
-                mask[_positions(m, dropped)] = False
+                mask[member_positions(m, dropped)] = False
     return keeps
 
 
@@ -231,7 +231,7 @@ def zero_channels(model: nn.Module, group: ChannelGroup, channels) -> None:
         if not ROLES[m.role].zeroes or index.numel() == 0:
             continue
         module = model.get_submodule(m.name)
-        positions = _positions(m, index)
+        positions = member_positions(m, index)
         for param, dim in zeroed_parameters(module, m.role):
             param.index_fill_(dim, positions.to(param.device), 0)
 

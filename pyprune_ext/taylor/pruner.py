@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
-from ..graph.surgery import zeroed_parameters
+from ..graph.surgery import member_positions, zeroed_parameters
 from ..masking import ZeroKeeper
 from .importance import build_importance, read_scores
 from .report import PruningReport, estimate_cost
@@ -323,7 +323,7 @@ class TaylorPruner:
         self.alive[i][channels] = False
         index = torch.tensor(channels, dtype=torch.long)
         for member in group.members:
-            positions = ((member.offset + index)[:, None] * member.span + torch.arange(member.span)).reshape(-1)
+            positions = member_positions(member, index)
             for param, dim in zeroed_parameters(self._modules[member.name], member.role):
                 self._zeros.add_indices(param, dim, positions)
 
