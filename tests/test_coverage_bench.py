@@ -45,14 +45,15 @@ def test_extra_case_removed_equals_masked(extra_records, name):
     check_ours_ok(record)
 
 
-def test_chunk_channels_are_refused_with_the_reason(extra_records):
+def test_chunk_gate_channels_are_prunable(extra_records):
     ours = extra_records["extra_chunk"]["ours"]
     # conv1's 32 outputs are split by torch.chunk into a value and a gate pruned alike; the gate's
-    # sigmoid maps 0 to 0.5, so they are left out as inexact (named); conv2's 32 are prunable
-    assert ours["prunable_channels"] == 32
+    # sigmoid maps 0 to 0.5, but the product with the (zeroed) value is 0 again, so masking stays
+    # exact: conv1's 32 and conv2's 32 are prunable, only the classifier's outputs are not
+    assert ours["prunable_channels"] == 32 + 32
     assert ours["channels"] == 32 + 32 + coverage.EXTRA_CLASSES
-    assert any("torch.sigmoid" in r["reason"] and "inexact" in r["reason"] and r["channels"] == 32
-               for r in ours["refusals"])
+    assert [r["reason"] for r in ours["refusals"]] == ["feeds the model output"]
+    assert ours["removed_equals_masked"]
 
 
 def test_share_counts_grouped_units_as_their_channels(extra_records):

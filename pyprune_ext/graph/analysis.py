@@ -24,6 +24,26 @@ from .structs import GraphAnalysisWarning
 from .recording import VALUE
 
 
+def first_tensor_argument(args):
+    return next(iter_layouts(args[:1]), None) if args else None
+
+
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor"}
+
+
+def mutates_input(node: fx.Node, model: nn.Module) -> bool:
+    """Whether the node writes its result into its first argument (x.sigmoid_(),
+    x += y, F.hardsigmoid(x, inplace=True), nn.Hardsigmoid(inplace=True))."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(model.get_submodule(node.target), "inplace", False) is True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if not isinstance(name, str):
+        return False
+    return name in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
+
+
 class Analyzer:
     """The state of one pass over a graph (``walk.analyse`` drives it); results in
     ``elements``, ``gate_of``, ``first_seen``."""
@@ -41,6 +61,9 @@ class Analyzer:
         self.gate_of: dict[str, tuple[str, int]] = {}   # producer -> (gate module, channel dim)
         self.attr_reads: list[tuple[str, str]] = []     # (get_attr target, node name)
         self._warned: set[str] = set()
+        # values whose pruned channels may be non-zero once masked: id -> (layout, reasons)
+        self._dirt: dict[int, tuple[Tracked, dict[str, None]]] = {}
+        self._settled: set[int] = set()  # dirty inputs the current node's rule carried or absorbed
 
     def resolve(self, arg):
         """Node references replaced by their layouts/values."""
@@ -74,6 +97,64 @@ class Analyzer:
         if isinstance(x, Tracked):
             return self.tracked_like(meta, x.dim, x.ids)
         return self.untracked_like(meta, x.source if isinstance(x, Untracked) else "has no prunable channels")
+
+    # -- masked values: where zeroed channels do not stay zero ----------------------------
+    # Masking zeroes a group's producers. An op with f(0) != 0 (sigmoid, + 1, ...)
+    # makes those channels non-zero in its output: the value is "dirty". That is
+    # harmless while the value only flows through ops that keep channels apart
+    # and is multiplied by a clean value (a squeeze-and-excitation gate, a GLU);
+    # anywhere else it is consumed (a layer's input, a reduction over the
+    # channels) and masking no longer computes what removal computes. Rules say
+    # what they do with dirty inputs (``carry``, ``absorb``); the walk marks the
+    # rest inexact (``settle``), so a rule that says nothing stays conservative.
+    def dirt(self, layout) -> dict[str, None] | None:
+        """Why ``layout``'s pruned channels may be non-zero once masked (None: they are zero)."""
+        entry = self._dirt.get(id(layout)) if isinstance(layout, Tracked) else None
+        return entry[1] if entry is not None and entry[0] is layout else None
+
+    def soil(self, value, reasons) -> None:
+        """The pruned channels of every Tracked in ``value`` are non-zero once masked, for ``reasons``."""
+        reasons = {reasons: None} if isinstance(reasons, str) else reasons
+        for layout in iter_layouts(value):
+            if isinstance(layout, Tracked) and reasons:
+                entry = self._dirt.setdefault(id(layout), (layout, {}))
+                entry[1].update(reasons)
+
+    def carry(self, sources, value) -> None:
+        """``value`` is computed from ``sources`` channel by channel: it inherits their dirt."""
+        if not any(isinstance(v, Tracked) for v in iter_layouts(value)):
+            return  # the channels stop here: a dirty source is consumed (see settle)
+        for layout in iter_layouts(sources):
+            reasons = self.dirt(layout)
+            if reasons:
+                self.soil(value, reasons)
+                self._settled.add(id(layout))
+
+    def absorb(self, sources) -> None:
+        """The op does not let the values of ``sources``' pruned channels reach anything
+        (a product with a clean operand, zeros_like, a container it only indexes)."""
+        for layout in iter_layouts(sources):
+            self._settled.add(id(layout))
+
+    def dirty_inputs(self, node: fx.Node) -> list[Tracked]:
+        """The node's dirty inputs; starts the node's bookkeeping."""
+        self._settled = set()
+        return [v for v in iter_layouts(self.resolve((node.args, node.kwargs))) if self.dirt(v)]
+
+    def settle(self, node: fx.Node, dirty: list[Tracked], value) -> None:
+        """Dirty inputs the node's rule neither carried nor absorbed are consumed:
+        masking their channels is not removing them. An in-place op's dirt also
+        lands on the tensor it wrote into."""
+        outputs = {id(v) for v in iter_layouts(value)}
+        for layout in dirty:
+            if id(layout) not in self._settled and id(layout) not in outputs:
+                for reason in self.dirt(layout):
+                    self.elements.mark_inexact(layout.ids, reason)
+        if mutates_input(node, self.model):
+            target = first_tensor_argument(self.resolve(node.args))
+            for layout in iter_layouts(value):
+                if isinstance(target, Tracked):
+                    self.soil(target, self.dirt(layout) or {})
 
     # -- channels -----------------------------------------------------------------------
     def channels_in(self, x, dim: int, consumer: str) -> np.ndarray:

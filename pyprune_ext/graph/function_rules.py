@@ -19,9 +19,12 @@ def visit_function(an: Analyzer, node: fx.Node):
     name, swapped = T.canonical(node)
     first = args[0] if args else None
     # plain Python containers (split outputs, max's (values, indices), sizes)
+    # (indexing a container reads no values: each piece keeps its own dirt, see Analyzer.carry)
     if name == "getitem" and isinstance(first, (list, tuple, dict)):
+        an.absorb(first)
         return first[args[1]]
     if name == "getattr" and isinstance(first, (list, tuple)) and args[1] in ("values", "indices"):
+        an.absorb(first)
         return first[0 if args[1] == "values" else 1]
     if name == "setitem" and any(isinstance(v, Tracked) for v in iter_layouts(args)):
         return _setitem(an, node, first, args, meta)  # returns None, but writes into a tensor
@@ -36,7 +39,9 @@ def visit_function(an: Analyzer, node: fx.Node):
     if rule is None and (name == "getattr" or (name or "").startswith("attr:")):
         attr = args[1] if name == "getattr" else name[5:]
         if attr == "data":
-            return an.passthrough(first, meta)
+            out = an.passthrough(first, meta)
+            an.carry(first, out)
+            return out
         if attr in T.TENSOR_ATTRS:
             return reshape_via_probe(an, node, attr, first, args, kwargs, meta)
         return an.unknown(node, (args, kwargs), meta)

@@ -56,8 +56,9 @@ def _elementwise(an, node, zero_preserving: bool, args, kwargs, meta):
         out, _ = an.couple_elementwise(tensors, meta.shape, _what(node))
     else:
         out = an.passthrough(tensors[0], meta)
-    if isinstance(out, Tracked) and not zero_preserving:
-        an.elements.mark_inexact(out.ids, f"{_what(node)} maps 0 to a non-zero value")
+    an.carry(tensors, out)
+    if not zero_preserving:
+        an.soil(out, f"{_what(node)} maps 0 to a non-zero value")
     return out
 
 
@@ -82,20 +83,25 @@ def _clamp(an, node, name, swapped, args, kwargs, meta):
     else:
         lo, hi = bounds
         zero_kept = (lo is None or lo <= 0) and (hi is None or hi >= 0)
-    if not zero_kept and isinstance(x, Tracked):
-        an.elements.mark_inexact(x.ids, f"{_what(node)} maps 0 to a non-zero value")
-    return an.passthrough(x, meta)
+    out = an.passthrough(x, meta)
+    an.carry(x, out)
+    if not zero_kept:
+        an.soil(out, f"{_what(node)} maps 0 to a non-zero value")
+    return out
 
 
 def _like(an, node, fills_zero: bool, args, kwargs, meta):
     """zeros_like(x) and friends: shaped like x, so they shrink with it."""
     x = args[0] if args else kwargs.get("input")
-    if isinstance(x, Tracked) and not fills_zero:
-        an.elements.mark_inexact(x.ids, f"{_what(node)} fills the channels with non-zero values")
-    return an.passthrough(x, meta)
+    out = an.passthrough(x, meta)
+    an.absorb(x)  # only its shape is read
+    if not fills_zero:
+        an.soil(out, f"{_what(node)} fills the channels with non-zero values")
+    return out
 
 
 def _constructor(an, node, name, swapped, args, kwargs, meta):
+    an.absorb((args, kwargs))  # only shapes, dtypes and devices are read
     return an.untracked_like(meta, f"comes from {_what(node)} (a new tensor)")
 
 
@@ -116,9 +122,15 @@ def _binary(an, node, name, swapped, args, kwargs, meta):
     out, kinds = an.couple_elementwise(operands, meta.shape, what)
     if isinstance(out, Tracked):
         if not _binary_exact(name, operands, kinds):
-            an.elements.mark_inexact(out.ids, f"{what} can turn zeroed channels non-zero")
+            an.soil(out, f"{what} can turn zeroed channels non-zero")
         if name in T.ADD_LIKE and kinds.count("full") >= 2:
             an.elements.mark_residual(out.ids)
+    clean_factor = name == "mul" and any(k == "full" and isinstance(v, Tracked) and not an.dirt(v)
+                                         for v, k in zip(operands, kinds))
+    if clean_factor:  # pruned channels are zero in one factor, so in the product (a gate, a GLU)
+        an.absorb(operands)
+    else:
+        an.carry(operands, out)
     return out
 
 
@@ -240,6 +252,7 @@ def reshape_via_probe(an: Analyzer, node, name, x: Tracked, args, kwargs, meta, 
         if fixed:
             an.elements.block(x.ids, f"{what} has the channel count ({fixed[0]}) written in its arguments "
                                      "(pruning would break it)")
+    an.carry(x, result)
     return result
 
 
@@ -281,9 +294,11 @@ def _reduction(an, node, name, swapped, args, kwargs, meta):
         return an.untracked_like(meta, f"comes from a reduction over the channels ({what})")
     first = next(m for m in (meta if isinstance(meta, (list, tuple)) else (meta,)) if isinstance(m, TensorMeta))
     new_dim = x.dim if len(first.shape) == nd else x.dim - sum(1 for d in dims if d < x.dim)
+    out = an.tracked_like(meta, new_dim, x.ids)
+    an.carry(x, out)
     if name == "logsumexp":
-        an.elements.mark_inexact(x.ids, f"{what} maps zeros to a non-zero value")
-    return an.tracked_like(meta, new_dim, x.ids)
+        an.soil(out, f"{what} maps zeros to a non-zero value")
+    return out
 
 
 def _softmax(an, node, name, swapped, args, kwargs, meta):
@@ -294,11 +309,13 @@ def _softmax(an, node, name, swapped, args, kwargs, meta):
     dim = get_arg(args, kwargs, 1, ("dim",))
     if dim is None:  # legacy implicit dim, as torch picks it
         dim = 0 if nd in (0, 1, 3) else 1
+    out = an.passthrough(x, meta)
     if dim % nd == x.dim:
         an.elements.block(x.ids, f"{_what(node)} normalizes over the channels")
     else:
-        an.elements.mark_inexact(x.ids, f"{_what(node)} maps 0 to a non-zero value")
-    return an.passthrough(x, meta)
+        an.carry(x, out)
+        an.soil(out, f"{_what(node)} maps 0 to a non-zero value")
+    return out
 
 
 def _cat(an, node, name, swapped, args, kwargs, meta):
@@ -311,7 +328,9 @@ def _cat(an, node, name, swapped, args, kwargs, meta):
     if name == "cat" and any(isinstance(t, Tracked) and t.dim == cat_dim for t in tensors):
         # concatenation along the channels: each input's channels at its offset
         parts = [an.channels_in(t, cat_dim, what) for t in tensors]
-        return Tracked(cat_dim, np.concatenate(parts), meta.shape)
+        out = Tracked(cat_dim, np.concatenate(parts), meta.shape)
+        an.carry(tensors, out)  # all of the output, though only some inputs may be dirty: conservative
+        return out
     # along another dim (or stacked): every input carries the same channels
     channel_dim = next(t.dim for t in tensors if isinstance(t, Tracked))
     ref = None
@@ -323,7 +342,9 @@ def _cat(an, node, name, swapped, args, kwargs, meta):
             an.elements.union_arrays(ref, ids)
     if name == "stack" and cat_dim <= channel_dim:
         channel_dim += 1
-    return Tracked(channel_dim, ref, meta.shape)
+    out = Tracked(channel_dim, ref, meta.shape)
+    an.carry(tensors, out)
+    return out
 
 
 def _pad(an, node, name, swapped, args, kwargs, meta):
@@ -337,9 +358,11 @@ def _pad(an, node, name, swapped, args, kwargs, meta):
     padded = {nd - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
     if x.dim in padded:
         return an.unknown(node, x, meta, f"{_what(node)} pads the channel dim")
+    out = an.passthrough(x, meta)
+    an.carry(x, out)
     if mode == "constant" and value not in (None, 0):
-        an.elements.mark_inexact(x.ids, f"{_what(node)} pads with {value}")
-    return an.passthrough(x, meta)
+        an.soil(out, f"{_what(node)} pads with {value}")
+    return out
 
 
 def _spatial(an, node, dims: int | None, args, kwargs, meta):
@@ -350,7 +373,9 @@ def _spatial(an, node, dims: int | None, args, kwargs, meta):
     k = dims if dims is not None else nd - 2
     if x.dim >= nd - k:
         return an.unknown(node, x, meta, f"{_what(node)} pools or resizes over the channel dim")
-    return an.passthrough(x, meta)
+    out = an.passthrough(x, meta)
+    an.carry(x, out)
+    return out
 
 
 # -- splitting along the channels -------------------------------------------------------------------

@@ -23,10 +23,10 @@ def analyse(model: nn.Module, graph: fx.Graph, ignored: set[str]) -> Analyzer:
             an.attr_reads.append((str(node.target), node.name))
             value = an.untracked_like(meta, f"comes from the tensor attribute '{node.target}', "
                                             "not from a prunable layer")
-        elif node.op == "call_module":
-            value = visit_module(an, node)
-        elif node.op in ("call_function", "call_method"):
-            value = visit_function(an, node)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            dirty = an.dirty_inputs(node)
+            value = visit_module(an, node) if node.op == "call_module" else visit_function(an, node)
+            an.settle(node, dirty, value)
         elif node.op == "output":
             for layout in iter_layouts(an.resolve(node.args)):
                 if isinstance(layout, Tracked):
