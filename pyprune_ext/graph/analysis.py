@@ -297,6 +297,30 @@ class Analyzer:
                 return ("tracked", d, v.clone())
         return None
 
+    @staticmethod
+    def locate_units(out: torch.Tensor):
+        """Where a probe output splits the channels into units: (dim, first channel of
+        each unit, unit width) when two adjacent dims ``(d, d + 1)`` hold channel
+        ``start[i] + j`` at ``(i, j)`` with aligned units of ``width`` (a view into
+        heads of ``head_dim``), and nothing else varies; None otherwise."""
+        if out.numel() == 0 or bool((out < 0).any()):
+            return None
+        for d in range(out.ndim - 1):
+            width = out.shape[d + 1]
+            if width < 2:
+                continue
+            index = [0] * out.ndim
+            index[d] = index[d + 1] = slice(None)
+            table = out[tuple(index)]
+            view = [1] * out.ndim
+            view[d], view[d + 1] = table.shape
+            starts = table[:, 0]
+            if (torch.equal(out, table.reshape(view).expand_as(out))
+                    and torch.equal(table, starts[:, None] + torch.arange(width))
+                    and bool((starts % width == 0).all())):
+                return d, starts.clone(), width
+        return None
+
     # -- what we cannot follow ----------------------------------------------------------
     def unknown(self, node: fx.Node, inputs, meta, what: str | None = None):
         """Blocks the channels of every tracked input, warns once, and returns an

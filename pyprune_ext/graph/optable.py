@@ -29,7 +29,7 @@ ALIASES = {
 }
 # reflected operators (other OP self): canonical name, operands swapped
 REFLECTED = {"radd": "add", "rsub": "sub", "rmul": "mul", "rtruediv": "div", "rdiv": "div",
-             "rfloordiv": "floordiv", "rpow": "pow"}
+             "rfloordiv": "floordiv", "rpow": "pow", "rmatmul": "matmul"}
 
 # f(0) == 0: a zeroed channel stays zero
 ZERO_PRESERVING = {
@@ -60,7 +60,9 @@ BINARY = ADD_LIKE | {"mul", "div", "floordiv", "maximum", "minimum", "fmax", "fm
 # reshaping ops, followed by running them on an index probe
 SHAPE_OPS = {"flatten", "view", "reshape", "permute", "transpose", "movedim", "unsqueeze", "squeeze",
              "t", "expand", "unflatten", "view_as", "reshape_as", "expand_as", "repeat", "tile", "T", "mT",
-             "ravel", "broadcast_to", "adjoint"}
+             "ravel", "broadcast_to", "adjoint", "repeat_interleave"}
+# batched matrix products (attention's q @ k^T and weights @ v)
+MATMUL = {"matmul", "bmm"}
 # ops that take a fixed subset of the channels (fine only when they take them all)
 SELECT_OPS = {"getitem", "narrow", "select", "split", "chunk", "tensor_split", "unbind", "split_with_sizes",
               "hsplit", "vsplit", "dsplit"}

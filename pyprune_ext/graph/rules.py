@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from . import attention as A
 from . import optable as T
 from .analysis import Analyzer
 from .layouts import TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
@@ -222,8 +223,16 @@ def reshape_via_probe(an: Analyzer, node, name, x: Tracked, args, kwargs, meta, 
                 index[d] = slice(None)
                 found = ("tracked", d, o[tuple(index)].clone())
             if found is None:
-                spread.append(o)
-                return None
+                units = an.locate_units(o)
+                if units is None:
+                    spread.append(o)
+                    return None
+                dim, starts, width = units  # the channels split into (units, width): heads
+                selections.append((starts[:, None] + torch.arange(width)).reshape(-1))
+                ids = x.ids[starts.numpy()]
+                for start in starts.tolist():
+                    an.elements.union_arrays(np.full(width - 1, x.ids[start]), x.ids[start + 1:start + width])
+                return Tracked(dim, ids, tuple(o.shape))
             if found[0] == "untracked":
                 return Untracked(f"comes from {what}, which takes no prunable channels", tuple(o.shape))
             _, dim, positions = found
@@ -246,14 +255,41 @@ def reshape_via_probe(an: Analyzer, node, name, x: Tracked, args, kwargs, meta, 
         if not (len(selections) == 1 and torch.equal(selections[0], everything)):
             an.elements.block(x.ids, selected)
     if name in SIZE_TAKING:
-        sizes = {x.size} | {v.size for v in iter_layouts(result) if isinstance(v, Tracked)}
-        written = literals if literals is not None else _literal_ints((node.args, node.kwargs))
-        fixed = [v for v in written if v > 1 and v in sizes]
+        fixed = _written_channel_counts(node, name, x, result, literals)
         if fixed:
             an.elements.block(x.ids, f"{what} has the channel count ({fixed[0]}) written in its arguments "
-                                     "(pruning would break it)")
+                                     "(pruning would break it; compute it from the tensor, or write -1)")
     an.carry(x, result)
     return result
+
+
+def _size_arguments(node, name) -> list | None:
+    """The sizes a view / reshape / expand / broadcast_to call gives, one per output
+    dim (an int literal, or None for a computed size), or None when not of that form."""
+    if name not in ("view", "reshape", "expand", "broadcast_to"):
+        return None
+    sizes = node.args[1:]  # x.view(2, 3), Tensor.view(x, 2, 3) or torch.reshape(x, (2, 3))
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = sizes[0]
+    sizes = sizes or node.kwargs.get("size") or node.kwargs.get("shape") or ()
+    if not isinstance(sizes, (list, tuple)):
+        return None
+    return [v if isinstance(v, int) and not isinstance(v, bool) else None for v in sizes]
+
+
+def _written_channel_counts(node, name, x: Tracked, result, literals) -> list[int]:
+    """Channel counts written as literals in a size-taking op's arguments: the op
+    would not follow a pruned tensor. Where each size maps to an output dim, only
+    the sizes of the dims that carry channels count (``view(B, L, -1, 64)`` splits
+    the channels into heads of 64 and follows a pruned head count)."""
+    tracked = [v for v in iter_layouts(result) if isinstance(v, Tracked)]
+    per_dim = _size_arguments(node, name) if literals is None and len(tracked) == 1 else None
+    if per_dim is not None and len(per_dim) == len(tracked[0].shape):
+        written = per_dim[tracked[0].dim]
+        return [written] if written is not None and written > 1 else []
+    sizes = {x.size} | {v.size for v in tracked}
+    written = literals if literals is not None else _literal_ints((node.args, node.kwargs))
+    return [v for v in written if v > 1 and v in sizes]
 
 
 def _setitem(an, node, x, args, meta):
@@ -587,6 +623,22 @@ class Pad(_ByName):
     function = staticmethod(_pad)
 
 
+class MatMul(_ByName):
+    """matmul / bmm / ``@``: channels on a batch dim (attention heads) couple both
+    factors; a contraction over the channels blocks them (see ``attention``)."""
+    function = staticmethod(A.matmul)
+
+
+class Attention(_ByName):
+    """F.scaled_dot_product_attention: q/k/v heads coupled, GQA-aware (see ``attention``)."""
+    function = staticmethod(A.scaled_dot_product_attention)
+
+
+class MaskedFill(_ByName):
+    """masked_fill: a broadcast mask, the value written into pruned channels too."""
+    function = staticmethod(A.masked_fill)
+
+
 class Split(_ByName):
     """split / chunk / tensor_split: pieces pruned alike when their sizes follow
     the tensor (see ``_split``)."""
@@ -602,6 +654,8 @@ def _built_in_rules() -> dict[str, OpRule]:
                         (T.REDUCTIONS, Reduction()), (T.SOFTMAX, Softmax()), (T.CAT, Concat()), (T.PAD, Pad())):
         table.update(dict.fromkeys(names, rule))
     table.update({name: Like(fills_zero) for name, fills_zero in T.LIKE.items()})
+    table.update(dict.fromkeys(T.MATMUL, MatMul()))
+    table.update({"scaled_dot_product_attention": Attention(), "masked_fill": MaskedFill()})
     table.update({name: Spatial(dims) for name, dims in T.SPATIAL.items()})
     return table
 

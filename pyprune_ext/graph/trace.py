@@ -49,8 +49,8 @@ def leaf_predicate(ignored: set[int]):
     def is_leaf(module: nn.Module, qualname: str = "") -> bool:
         if id(module) in ignored or spec_for(module) is not None or module_class_rule(module) is not None or isinstance(module, OPAQUE_OK):
             return True
-        if isinstance(module, CONTAINERS):  # never called themselves: look inside
-            return False
+        if isinstance(module, CONTAINERS) or type(module) is nn.Module:
+            return False  # containers (a bare nn.Module used as a namespace too): look inside
         return default.is_leaf_module(module, qualname)
 
     return is_leaf

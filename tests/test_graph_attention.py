@@ -1,0 +1,175 @@
+"""Attention heads as prunable groups: hand-written attention (view into heads,
+scaled_dot_product_attention or matmul-softmax-matmul, causal masked_fill),
+grouped-query attention (enable_gqa, repeat_interleave, the expand + reshape
+of Hugging Face's repeat_kv). A head's q/k/v rows and output-projection columns
+go together; removing heads computes what masking them computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pyprune_ext.graph import dependency_groups
+from pyprune_ext.taylor import Target, TaylorPruner
+
+from test_graph_layers import assert_removed_equals_masked, relative_difference
+
+EMBED, VOCAB, SEQ = 32, 40, 7
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Hugging Face's repeat_kv: (B, Hkv, L, D) -> (B, Hkv * n_rep, L, D)."""
+    batch, heads, length, dim = x.shape
+    return x[:, :, None, :, :].expand(batch, heads, n_rep, length, dim).reshape(batch, heads * n_rep, length, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, heads=4, kv_heads=4, kind="sdpa", literal_heads=False):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, EMBED // heads
+        self.kind, self.literal_heads = kind, literal_heads
+        self.q = nn.Linear(EMBED, heads * self.head_dim)
+        self.k = nn.Linear(EMBED, kv_heads * self.head_dim)
+        self.v = nn.Linear(EMBED, kv_heads * self.head_dim)
+        self.o = nn.Linear(heads * self.head_dim, EMBED)
+        self.register_buffer("causal", torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool)))
+
+    def split(self, t, heads):
+        b, length, _ = t.shape
+        return t.view(b, length, heads if self.literal_heads else -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x):
+        b, length, _ = x.shape
+        q, k, v = self.split(self.q(x), self.heads), self.split(self.k(x), self.kv_heads), \
+            self.split(self.v(x), self.kv_heads)
+        rep = self.heads // self.kv_heads
+        if self.kind == "sdpa_gqa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
+        else:
+            if rep > 1 and self.kind == "repeat_kv":
+                k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            elif rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if self.kind == "matmul":
+                scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+                scores = scores.masked_fill(~self.causal[:length, :length], float("-inf"))
+                y = scores.softmax(-1) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, length, -1))
+
+
+class GPT(nn.Module):
+    """A two-block pre-norm GPT with a GELU MLP."""
+
+    def __init__(self, **attention):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, EMBED)
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.ln1, block.attn, block.ln2 = nn.LayerNorm(EMBED), Attention(**attention), nn.LayerNorm(EMBED)
+            block.fc, block.proj = nn.Linear(EMBED, 48), nn.Linear(48, EMBED)
+            self.blocks.append(block)
+        self.ln, self.head = nn.LayerNorm(EMBED), nn.Linear(EMBED, VOCAB)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for b in self.blocks:
+            x = x + b.attn(b.ln1(x))
+            x = x + b.proj(F.gelu(b.fc(b.ln2(x))))
+        return self.head(self.ln(x))
+
+
+def tokens(batch=2, seed=0):
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def head_groups(groups, block=0):
+    prefix = f"blocks.{block}.attn."
+    return [g for g in groups if any(m.name == prefix + "q" and m.role == "out" for m in g.members)]
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "matmul"])
+def test_heads_are_one_group_in_units_of_head_dim(kind):
+    torch.manual_seed(0)
+    groups, removed = assert_removed_equals_masked(GPT(kind=kind), tokens(), expect_groups=4)
+    (heads,) = head_groups(groups)
+    assert heads.prunable and heads.exact_masking and heads.size == 4
+    spans = {(m.name.rsplit(".", 1)[1], m.role): m.span for m in heads.members}
+    assert spans == {("q", "out"): 8, ("k", "out"): 8, ("v", "out"): 8, ("o", "in"): 8}
+    attn = removed.blocks[0].attn
+    assert attn.q.out_features == attn.k.out_features == attn.o.in_features < EMBED
+    assert attn.q.out_features % 8 == 0
+
+
+@pytest.mark.parametrize("kind", ["sdpa_gqa", "sdpa", "matmul", "repeat_kv"])
+def test_grouped_query_attention_prunes_a_kv_head_with_its_query_heads(kind):
+    torch.manual_seed(0)
+    groups, removed = assert_removed_equals_masked(GPT(heads=4, kv_heads=2, kind=kind), tokens(), expect_groups=4)
+    (heads,) = head_groups(groups)
+    assert heads.size == 2  # KV heads; each takes its two query heads
+    spans = {m.name.rsplit(".", 1)[1]: m.span for m in heads.members}
+    assert spans == {"q": 16, "k": 8, "v": 8, "o": 16}
+    attn = removed.blocks[0].attn
+    assert (attn.q.out_features, attn.k.out_features) == (16, 8)  # one KV group of two left
+
+
+def test_head_count_written_in_the_view_is_refused_by_name():
+    groups = dependency_groups(GPT(literal_heads=True).eval(), tokens())
+    (heads,) = head_groups(groups)
+    assert not heads.prunable
+    assert "channel count (4) written" in heads.reason and "write -1" in heads.reason
+
+
+def test_per_head_attention_mask_is_refused():
+    class PerHeadMask(Attention):
+        def forward(self, x):
+            b, length, _ = x.shape
+            q, k, v = (self.split(f(x), self.heads) for f in (self.q, self.k, self.v))
+            mask = torch.zeros(b, self.heads, length, length)
+            return self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+                          .reshape(b, length, -1))
+
+    groups = dependency_groups(PerHeadMask().eval(), torch.randn(2, SEQ, EMBED))
+    (heads,) = [g for g in groups if any(m.name == "q" and m.role == "out" for m in g.members)]
+    assert not heads.prunable and "one slice per head" in heads.reason
+
+
+def test_contraction_over_channels_without_a_layer_is_refused():
+    class RawProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(EMBED, 16)
+            self.weight = nn.Parameter(torch.randn(16, 5))
+
+        def forward(self, x):
+            return self.fc(x) @ self.weight
+
+    groups = dependency_groups(RawProduct().eval(), torch.randn(2, EMBED))
+    (fc,) = [g for g in groups if any(m.name == "fc" and m.role == "out" for m in g.members)]
+    assert not fc.prunable and "contracts over the channels" in fc.reason
+
+
+def test_taylor_prunes_heads_and_neurons_then_finalize_equals_masked():
+    torch.manual_seed(0)
+    model, x = GPT(heads=4, kv_heads=2), tokens(batch=4)
+    target = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1))
+    pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(4), every=1, prune_per_step=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    while not pruner.done:
+        loss = F.cross_entropy(model(x).flatten(0, 1), target.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        pruner.step()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    small = pruner.finalize()
+    with torch.no_grad():
+        assert relative_difference(masked, small(x)) <= 1e-5
+    report = pruner.report()
+    assert report.params_after < report.params_before
