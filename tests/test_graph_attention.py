@@ -173,3 +173,73 @@ def test_taylor_prunes_heads_and_neurons_then_finalize_equals_masked():
         assert relative_difference(masked, small(x)) <= 1e-5
     report = pruner.report()
     assert report.params_after < report.params_before
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class HandWrittenRMSNorm(nn.Module):
+    """The Hugging Face pattern: weight * x * rsqrt(mean(x^2) + eps)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim) + 0.1 * torch.randn(dim)), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class LlamaBlock(nn.Module):
+    """RMSNorm, GQA attention with rotary embeddings and repeat_kv, SwiGLU MLP."""
+
+    def __init__(self, norm=nn.RMSNorm, heads=4, kv_heads=2, hidden=40):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, EMBED // heads
+        self.norm1, self.norm2 = norm(EMBED), norm(EMBED)
+        self.q_proj = nn.Linear(EMBED, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(EMBED, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(EMBED, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, EMBED, bias=False)
+        self.gate_proj = nn.Linear(EMBED, hidden, bias=False)
+        self.up_proj = nn.Linear(EMBED, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, EMBED, bias=False)
+        angles = torch.arange(SEQ)[:, None] * (1e-2 ** (torch.arange(self.head_dim // 2) / (self.head_dim // 2)))
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos()[None, None])
+        self.register_buffer("sin", angles.sin()[None, None])
+
+    def attention(self, x):
+        b, length, _ = x.shape
+        shape = (b, length, -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q = q * self.cos + rotate_half(q) * self.sin
+        k = k * self.cos + rotate_half(k) * self.sin
+        rep = self.heads // self.kv_heads
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, length, -1))
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, HandWrittenRMSNorm], ids=["nn.RMSNorm", "hand-written"])
+def test_llama_block_prunes_kv_groups_and_swiglu_neurons(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, EMBED), LlamaBlock(norm), nn.Linear(EMBED, VOCAB))
+    groups, removed = assert_removed_equals_masked(model, tokens(), expect_groups=2)
+    heads = [g for g in groups if any(m.name == "1.q_proj" and m.role == "out" for m in g.members)]
+    neurons = [g for g in groups if any(m.name == "1.gate_proj" and m.role == "out" for m in g.members)]
+    assert len(heads) == len(neurons) == 1
+    assert heads[0].size == 2 and heads[0].exact_masking and "units of 16, 8" in heads[0].name
+    assert {(m.name, m.role) for m in neurons[0].members} == {("1.gate_proj", "out"), ("1.up_proj", "out"),
+                                                              ("1.down_proj", "in")}
+    assert neurons[0].size == 40 and neurons[0].exact_masking
+    block = removed[1]
+    assert block.k_proj.out_features == 8 and block.gate_proj.out_features == block.up_proj.out_features < 40

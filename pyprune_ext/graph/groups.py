@@ -194,5 +194,7 @@ def _group_name(members: list[Member], residual: bool, size: int, modules) -> st
             return m.name
         return f"{m.name}[{m.offset}:{m.offset + size}]" + (f" (units of {m.span})" if m.span > 1 else "")
     if names:
-        return ("residual: " if residual else "coupled: ") + ", ".join(names)
+        spans = sorted({m.span for m in producers if m.span > 1}, reverse=True)
+        units = f" (units of {', '.join(map(str, spans))})" if spans else ""  # heads, GQA groups
+        return ("residual: " if residual else "coupled: ") + ", ".join(names) + units
     return "inputs of: " + ", ".join(dict.fromkeys(m.name for m in members))
