@@ -24,7 +24,7 @@ PY=.venv/bin/python
 echo "== installing $TORCH_SPEC and the test/benchmark dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
 "$PY" -m pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC" numpy ninja pytest hypothesis expecttest \
-  scikit-learn tqdm matplotlib
+  scikit-learn tqdm matplotlib "transformers==5.24.0"
 
 stamp_file=build/setup-stamp
 stamp=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat;

@@ -120,11 +120,13 @@ def _binary(an, node, name, swapped, args, kwargs, meta):
         b = get_arg(args, kwargs, 1, ("other", "exponent"))
         operands = [b, a] if swapped else [a, b]
     what = _what(node)
+    # a sum of two different channel sets is a residual join (q * cos + rotate_half(q) * sin is not)
+    joins = len({tuple(an.elements.find(int(e)) for e in v.ids) for v in operands if isinstance(v, Tracked)}) > 1
     out, kinds = an.couple_elementwise(operands, meta.shape, what)
     if isinstance(out, Tracked):
         if not _binary_exact(name, operands, kinds):
             an.soil(out, f"{what} can turn zeroed channels non-zero")
-        if name in T.ADD_LIKE and kinds.count("full") >= 2:
+        if name in T.ADD_LIKE and kinds.count("full") >= 2 and joins:
             an.elements.mark_residual(out.ids)
     clean_factor = name == "mul" and any(k == "full" and isinstance(v, Tracked) and not an.dirt(v)
                                          for v, k in zip(operands, kinds))
@@ -360,6 +362,8 @@ def _cat(an, node, name, swapped, args, kwargs, meta):
     what, out_nd = _what(node), len(meta.shape)
     if not isinstance(tensors, (list, tuple)) or not all(is_tensor_layout(t) for t in tensors):
         return an.unknown(node, (args, kwargs), meta)
+    an.absorb([t for t in tensors if t.shape == (0,)])
+    tensors = [t for t in tensors if t.shape != (0,)]  # torch.cat skips empty 1-D tensors (an empty KV cache)
     cat_dim = dim % out_nd
     if name == "cat" and any(isinstance(t, Tracked) and t.dim == cat_dim for t in tensors):
         # concatenation along the channels: each input's channels at its offset

@@ -29,6 +29,7 @@ base's spec, since it may compute something else: the analysis traces into it.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Mapping
@@ -45,7 +46,7 @@ from .layouts import Tracked, Untracked
 if TYPE_CHECKING:  # only for annotations: the analysis calls the specs, not the other way round
     from .analysis import Analyzer
 
-__all__ = ["ROLES", "Axis", "Role", "LayerSpec", "ConvSpec", "ConvTransposeSpec", "LinearSpec",
+__all__ = ["ROLES", "Axis", "Role", "LayerSpec", "ConvSpec", "ConvTransposeSpec", "LinearSpec", "TransposedLinearSpec",
            "BatchNormSpec", "LayerNormSpec", "GroupNormSpec", "EmbeddingSpec", "ChannelwiseSpec", "PReLUSpec",
            "register_layer", "unregister_layer", "spec_for", "registered_layers"]
 
@@ -225,11 +226,29 @@ def _trusted_subclass(module: nn.Module, base: type) -> bool:
     return cls.forward is base.forward
 
 
+# layers of other libraries: (module, class name) -> spec factory, registered once the user has
+# imported that library (pyprune_ext never imports it)
+_LIBRARY_LAYERS: dict[tuple[str, str], object] = {
+    ("transformers.pytorch_utils", "Conv1D"): lambda: TransposedLinearSpec(),
+}
+
+
+def _register_library_layers() -> None:
+    for (module_name, class_name), make in list(_LIBRARY_LAYERS.items()):
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None:
+            del _LIBRARY_LAYERS[(module_name, class_name)]
+            if cls not in _REGISTRY:  # a user's registration wins
+                _REGISTRY[cls] = make()
+
+
 def spec_for(module: nn.Module, extra: Mapping[type, LayerSpec] | None = None, *,
              any_subclass: bool = False) -> LayerSpec | None:
     """The spec of ``module``'s class (``extra`` first, then the registry), or
     None. ``any_subclass``: also for subclasses that override ``forward``
     (enough for counting parameters and MACs, not for pruning)."""
+    if _LIBRARY_LAYERS:
+        _register_library_layers()
     for base in type(module).__mro__:
         spec = (extra or {}).get(base) or _REGISTRY.get(base)
         if spec is not None:
@@ -352,6 +371,27 @@ class LinearSpec(LayerSpec):
 
     def macs(self, module, inp, out, norm_macs):
         return out.numel() * module.in_features
+
+
+class TransposedLinearSpec(LinearSpec):
+    """A linear layer storing its weight as (in, out): Hugging Face's ``Conv1D``
+    (GPT-2), with ``nf`` output and ``nx`` input features."""
+
+    def axes(self, module):
+        return {"out": Axis(module.nf, _present(module, {"weight": 1, "bias": 0}), out_feature=True),
+                "in": Axis(module.nx, {"weight": 0}, in_feature=True)}
+
+    def analyse(self, an, node, name, module, x, meta):
+        an.elements.attach(name, "in", an.channels_in(x, len(x.shape) - 1, name))
+        out_ids = an.produce(name, module.nf, node, -1)
+        return Tracked(len(meta.shape) - 1, out_ids, meta.shape)
+
+    def resize(self, module, lengths):
+        module.nf = lengths.get("out", module.nf)
+        module.nx = lengths.get("in", module.nx)
+
+    def macs(self, module, inp, out, norm_macs):
+        return out.numel() * module.nx
 
 
 class EmbeddingSpec(LayerSpec):

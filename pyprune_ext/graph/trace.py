@@ -83,9 +83,17 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     if isinstance(example_inputs, dict):
-        bound = inspect.signature(model.forward).bind(**example_inputs)
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(**example_inputs)
         bound.apply_defaults()
-        return tuple(bound.arguments.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        extra = [name for name, value in bound.arguments.items()
+                 if signature.parameters[name].kind not in positional and value not in ({}, ())]
+        if extra:
+            raise TypeError(f"example_inputs: {', '.join(extra)} cannot be passed by position to "
+                            f"{type(model).__name__}.forward; give only its positional parameters")
+        return tuple(value for name, value in bound.arguments.items()
+                     if signature.parameters[name].kind in positional)
     raise TypeError("example_inputs must be a tensor, a tuple/list of forward arguments or a dict of "
                     f"keyword arguments, got {type(example_inputs).__name__}")
 

@@ -43,6 +43,7 @@ weight).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -89,6 +90,31 @@ class Target:
         elif not 0.0 < self.value < 1.0:
             raise ValueError(f"a {self.kind} target is the fraction kept, strictly between 0 and 1, "
                              f"got {self.value}")
+
+
+def _floor(group, max_fraction, round_to: int) -> int:
+    """The fewest channels ``group`` may keep: one (``round_to`` where it has that
+    many), and at least ``1 - max_fraction`` of them."""
+    floor = round_to if group.size >= round_to else 1
+    if max_fraction is None:
+        return floor
+    fraction = max_fraction(group) if callable(max_fraction) else max_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"max_fraction must be a fraction in [0, 1] (or a function of the group returning one), "
+                         f"got {fraction!r} for group '{group.name}'")
+    return max(floor, group.size - math.floor(fraction * group.size + 1e-9))
+
+
+def alike_groups(groups, indices) -> list[list[int]]:
+    """Classes of groups that are the same layer in different blocks: their member
+    names and roles match once the block numbers are dropped
+    (``model.layers.3.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj``), with equal sizes."""
+    classes: dict[tuple, list[int]] = {}
+    for i in indices:
+        g = groups[i]
+        key = (g.size, tuple(sorted((re.sub(r"\.\d+(?=\.|$)", ".*", m.name), m.role, m.span) for m in g.members)))
+        classes.setdefault(key, []).append(i)
+    return list(classes.values())
 
 
 def _as_target(target) -> Target:
@@ -147,6 +173,12 @@ class TaylorPruner:
             (a per-layer normalisation; off by default, as in the paper).
         square_then_sum: ``fo_weight`` only: sum of squares instead of square of sum.
         groups: precomputed :func:`pyprune_ext.graph.dependency_groups` (optional).
+        max_fraction: the largest fraction of each group that may be pruned: a
+            float, or a function of the :class:`~pyprune_ext.graph.ChannelGroup`
+            (e.g. 0.25 for attention heads, 0.3 for MLP neurons; 0 leaves a group alone).
+        uniform: alike groups (the same layer in every block, e.g. each layer's
+            heads) lose the same number of channels, ranked by their mean score, so
+            every block keeps the same shape (a Hugging Face config can describe it).
         distributed: None (default): synchronise the statistics over the ranks
             when torch.distributed is initialised with more than one process;
             True: require that; False: never (each process prunes on its own).
@@ -161,6 +193,7 @@ class TaylorPruner:
                  prune_per_step: int | None = None, every: int = 30, ignore: Iterable[nn.Module] = (),
                  round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool = False,
                  square_then_sum: bool = False, groups: Sequence | None = None,
+                 max_fraction=None, uniform: bool = False,
                  distributed: bool | None = None, process_group=None):
         if importance is not None and criterion is not None:
             raise TypeError("TaylorPruner: give importance= or its older name criterion=, not both")
@@ -173,6 +206,8 @@ class TaylorPruner:
             raise ValueError(f"round_to must be >= 1, got {round_to}")
         if scope not in ("global", "local"):
             raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
+        if uniform and scope != "global":
+            raise ValueError("uniform=True ranks alike groups together: it needs scope='global'")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.model, self.every, self.round_to, self.scope = model, every, round_to, scope
@@ -180,6 +215,10 @@ class TaylorPruner:
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore)
         self.prunable = [i for i, g in enumerate(self.groups) if g.prunable and g.exact_masking]
+        self._floor = {i: _floor(self.groups[i], max_fraction, round_to) for i in self.prunable}
+        self.prunable = [i for i in self.prunable if self._floor[i] < self.groups[i].size]
+        self.uniform = uniform
+        self._alike = alike_groups(self.groups, self.prunable) if uniform else None
         if not self.prunable:
             raise ValueError("no prunable channel group found in the model (see the dependency-analysis warnings)")
         total = sum(self.groups[i].size for i in self.prunable)
@@ -253,12 +292,13 @@ class TaylorPruner:
         return scores
 
     def _min_alive(self, i: int) -> int:
-        size = self.groups[i].size
-        return self.round_to if size >= self.round_to else 1
+        return self._floor[i]
 
     def _choose(self, scores: dict[int, Tensor]) -> dict[int, list[int]]:
         """group -> channels to mask at this step."""
-        if self.scope == "global":
+        if self.uniform:
+            chosen = self._choose_uniform(scores)
+        elif self.scope == "global":
             chosen = self._choose_global(scores)
         else:
             chosen = self._choose_local(scores)
@@ -280,6 +320,36 @@ class TaylorPruner:
             chosen.setdefault(i, []).append(c)
             alive[i] -= 1
             budget -= 1
+            if self.target.kind != "channels" and self._target_reached(extra=chosen):
+                break
+        return chosen
+
+    def _choose_uniform(self, scores) -> dict[int, list[int]]:
+        """Global ranking over classes of alike groups (the same layer in every
+        block): a class's next candidate is the mean of its groups' lowest live
+        scores, and taking it removes one channel from each of its groups, so
+        alike groups keep equal sizes (a Hugging Face config then still fits)."""
+        order = {i: [c for c in torch.argsort(scores[i], stable=True).tolist() if self.alive[i][c]]
+                 for i in self.prunable}
+        taken = {i: 0 for i in self.prunable}
+        alive = {i: int(self.alive[i].sum()) for i in self.prunable}
+        chosen: dict[int, list[int]] = {}
+        budget = self._step_budget()
+        while budget > 0:
+            best = None
+            for members in self._alike:
+                if len(members) > budget or any(alive[i] - 1 < self._min_alive(i) for i in members):
+                    continue
+                mean = sum(float(scores[i][order[i][taken[i]]]) for i in members) / len(members)
+                if best is None or mean < best[0]:
+                    best = (mean, members)
+            if best is None:
+                break
+            for i in best[1]:
+                chosen.setdefault(i, []).append(order[i][taken[i]])
+                taken[i] += 1
+                alive[i] -= 1
+            budget -= len(best[1])
             if self.target.kind != "channels" and self._target_reached(extra=chosen):
                 break
         return chosen

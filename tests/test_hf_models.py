@@ -1,0 +1,161 @@
+"""Hugging Face transformers models built from small configs (random weights):
+heads (grouped-query aware) and MLP neurons are found, removing them computes
+what masking them computes, TaylorPruner prunes them, and with ``uniform=True``
+the updated config round-trips through save_pretrained / from_pretrained.
+Skipped when transformers is not installed (it is a test extra)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from pyprune_ext import hf  # noqa: E402
+from pyprune_ext.graph import GraphAnalysisWarning, dependency_groups  # noqa: E402
+from pyprune_ext.taylor import Target, TaylorPruner  # noqa: E402
+
+from test_graph_layers import assert_removed_equals_masked, relative_difference  # noqa: E402
+
+VOCAB, SEQ = 64, 7
+
+
+def llama(heads=4, kv_heads=2):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=32))
+
+
+def qwen2(heads=4, kv_heads=2):
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=32))
+
+
+def bert():
+    return transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32))
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0))
+
+
+class Output(nn.Module):
+    """The model's main output tensor (logits or hidden states), without a KV cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, use_cache=False) if hasattr(self.model, "lm_head") else self.model(input_ids)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tokens(batch=2, seed=0):
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def groups_with(groups, suffix, role="out"):
+    return [g for g in groups if any(m.name.endswith(suffix) and m.role == role for m in g.members)]
+
+
+def quiet_groups(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)  # fx cannot trace HF models: the fallback runs
+        return dependency_groups(model, x)
+
+
+@pytest.mark.parametrize("make, query, mlp, kv_groups", [
+    (llama, "self_attn.q_proj", "mlp.gate_proj", 2),
+    (qwen2, "self_attn.q_proj", "mlp.gate_proj", 2),
+    (bert, "attention.self.query", "intermediate.dense", 4),
+], ids=["llama", "qwen2", "bert"])
+def test_heads_and_mlp_neurons_are_groups_and_removal_equals_masking(make, query, mlp, kv_groups):
+    torch.manual_seed(0)
+    model = Output(make()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        groups, removed = assert_removed_equals_masked(model, tokens(), expect_groups=4)
+    heads, neurons = groups_with(groups, query), groups_with(groups, mlp)
+    assert [g.size for g in heads] == [kv_groups, kv_groups] and all(g.exact_masking for g in heads)
+    assert [g.size for g in neurons] == [48, 48] and all(g.exact_masking for g in neurons)
+
+
+def test_gpt2_mlp_is_prunable_and_packed_qkv_split_is_refused_by_name():
+    groups = quiet_groups(Output(gpt2()).eval(), tokens())
+    assert [g.size for g in groups_with(groups, "mlp.c_fc") if g.prunable] == [128, 128]
+    (first, second) = groups_with(groups, "attn.c_attn")
+    assert not first.prunable and "split" in first.reason and "fixed sizes" in first.reason
+
+
+@pytest.mark.parametrize("make", [llama, qwen2], ids=["llama", "qwen2"])
+def test_taylor_prunes_uniformly_and_the_config_round_trips(make, tmp_path):
+    torch.manual_seed(0)
+    model = make(heads=8, kv_heads=4)
+    x, labels = tokens(batch=4), tokens(batch=4, seed=1)
+
+    def share(group):  # half the KV groups (the config needs a head count dividing hidden_size), 30% of the MLP
+        return 0.5 if group.name.split(",")[0].endswith("q_proj") else 0.3
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * (2 + 14)), every=1,
+                              prune_per_step=10, max_fraction=share, uniform=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    while not pruner.done:
+        loss = F.cross_entropy(model(x, use_cache=False).logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        pruner.step()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        masked = model(x, use_cache=False).logits
+    small = pruner.finalize()
+    with torch.no_grad():
+        assert relative_difference(masked, small(x, use_cache=False).logits) <= 1e-4
+    attention = [small.model.layers[i].self_attn for i in range(2)]
+    assert [(a.q_proj.out_features, a.k_proj.out_features) for a in attention] == [(16, 8), (16, 8)]
+    assert [small.model.layers[i].mlp.up_proj.out_features for i in range(2)] == [34, 34]
+    changed = hf.update_config(small)
+    assert {k: v[1] for k, v in changed.items() if k != "head_dim"} == {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 34}
+    assert small.config.head_dim == 4
+    report = pruner.report()
+    assert report.params_after < report.params_before
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, use_cache=False).logits, small(x, use_cache=False).logits)
+
+
+def test_update_config_refuses_layers_of_different_sizes():
+    model = llama()
+    model.model.layers[0].mlp.up_proj = nn.Linear(32, 40, bias=False)
+    with pytest.raises(ValueError, match="different MLP sizes.*uniform=True"):
+        hf.update_config(model)
+
+
+def test_update_config_refuses_sizes_transformers_rejects_and_keeps_the_config():
+    model = llama(heads=8, kv_heads=4)
+    if not hasattr(model.config, "validate_architecture"):
+        pytest.skip("this transformers release does not validate configs")
+    for layer in model.model.layers:  # 6 query heads of 4: 32 % 6 != 0
+        layer.self_attn.q_proj = nn.Linear(32, 24, bias=False)
+        layer.self_attn.k_proj = nn.Linear(32, 12, bias=False)
+    with pytest.raises(ValueError, match="refuses the pruned sizes"):
+        hf.update_config(model)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (8, 4)
+
+
+def test_update_config_refuses_an_unknown_architecture():
+    with pytest.raises(ValueError, match="no layout for model_type 'bert'.*register_architecture"):
+        hf.update_config(bert())
