@@ -243,3 +243,56 @@ def test_llama_block_prunes_kv_groups_and_swiglu_neurons(norm):
     assert neurons[0].size == 40 and neurons[0].exact_masking
     block = removed[1]
     assert block.k_proj.out_features == 8 and block.gate_proj.out_features == block.up_proj.out_features < 40
+
+
+def test_head_gate_is_the_output_projection_input_and_scores_match_a_float64_reference():
+    """fo_gate / fo_fg / so_fisher of a head: (sum over examples of) the sum over tokens
+    and the head's dims of grad * activation at o's input, as the paper sums over pixels."""
+    from pyprune_ext.taylor.importance import build_importance
+
+    torch.manual_seed(0)
+    model, x = GPT(heads=4, kv_heads=2), tokens(batch=3)
+    labels = tokens(batch=3, seed=1)
+    groups = dependency_groups(model, x)
+    (heads,) = head_groups(groups)
+    assert [(g.name, g.on_input, g.span) for g in heads.gates] == [("blocks.0.attn.o", True, 16)]
+    index = groups.index(heads)
+    captured = {}
+
+    def keep_input(module, inputs):
+        inputs[0].retain_grad()
+        captured["a"] = inputs[0]
+
+    hook = model.blocks[0].attn.o.register_forward_pre_hook(keep_input)
+    scorers = {c: build_importance(c, model, groups).attach() for c in ("fo_gate", "fo_fg", "so_fisher")}
+    loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten())
+    loss.backward()
+    hook.remove()
+    a, g = captured["a"].detach().double(), captured["a"].grad.double()
+    per_example = (a * g).sum(1).reshape(3, 2, 16).sum(-1)  # (N, KV groups): tokens and the unit's dims
+    first, second = per_example.sum(0), (per_example ** 2).sum(0)
+    want = {"fo_gate": first ** 2, "fo_fg": second, "so_fisher": (-first + 0.5 * 3 * second) ** 2}
+    for criterion, scorer in scorers.items():
+        assert scorer.end_minibatch()
+        got = scorer.means()[index]
+        torch.testing.assert_close(got.double(), want[criterion], rtol=1e-5, atol=1e-12)
+        scorer.detach()
+
+
+@pytest.mark.parametrize("criterion", ["fo_gate", "fo_fg", "so_fisher", "fo_weight"])
+def test_every_criterion_prunes_heads(criterion):
+    torch.manual_seed(0)
+    model, x = GPT(heads=4), tokens(batch=4)
+    labels = tokens(batch=4, seed=1)
+    pruner = TaylorPruner(model, x, criterion, target=Target.channels(2), every=1, prune_per_step=1,
+                          max_fraction=lambda g: 0.5 if "attn.q" in g.name else 0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    while not pruner.done:
+        loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        pruner.step()
+        optimizer.step()
+    small = pruner.finalize()
+    heads = [b.attn.q.out_features // 8 for b in small.blocks]
+    assert sum(heads) == 6 and [b.fc.out_features for b in small.blocks] == [48, 48]

@@ -59,6 +59,7 @@ class Analyzer:
         self.calls: dict[str, int] = {}
         self.first_seen: dict[str, int] = {}
         self.gate_of: dict[str, tuple[str, int]] = {}   # producer -> (gate module, channel dim)
+        self.input_dim: dict[str, int] = {}             # consumer -> the dim of its input it reads channels on
         self.attr_reads: list[tuple[str, str]] = []     # (get_attr target, node name)
         self._warned: set[str] = set()
         # values whose pruned channels may be non-zero once masked: id -> (layout, reasons)
@@ -161,6 +162,8 @@ class Analyzer:
         """The elements of ``x`` along ``dim``, as a layer consuming them sees them.
         Untracked tensors get fresh blocked elements (the same ones for every
         consumer of that tensor); channels tracked on another dim get blocked."""
+        nd = len(x.shape) if is_tensor_layout(x) else 0
+        self.input_dim.setdefault(consumer, dim if dim == 1 else dim - nd)  # (N, C, ...) or (..., C)
         if isinstance(x, Tracked) and x.dim == dim:
             return x.ids
         if isinstance(x, Untracked):

@@ -78,6 +78,8 @@ def matmul(an, node, name, swapped, args, kwargs, meta):
         else:
             an.elements.union_arrays(ref, ids)
     out = Tracked(out_dim, ref, meta.shape)
+    if len(sharing) == 2 and len(placed) == 2:  # both factors carry the heads: q @ k^T, weights @ v
+        an.elements.mark_attention(ref)
     _bilinear_dirt(an, [v for v, _ in placed.values()], out)
     return out
 
@@ -113,6 +115,7 @@ def scaled_dot_product_attention(an, node, name, swapped, args, kwargs, meta):
         an.elements.block(q.ids, f"{what} has an attention mask with one slice per head "
                                  "(fixed to the head count)")
     out = Tracked(len(meta.shape) - 3, q.ids, meta.shape)
+    an.elements.mark_attention(q.ids)
     an.absorb((q, k, mask))  # the output is linear in v: a zero V head gives a zero output
     an.carry(v, out)
     return out

@@ -157,7 +157,7 @@ def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
     (signature, blocked, inexact), offsets = key, items[0][0]
     members = [Member(name, role, offset, span) for (name, role, span), offset in zip(signature, offsets)]
     residual = any(root in an.elements.residual for _, root in items)
-    gates, bn = _gates(an, members)
+    gates, bn = _gates(an, members, attention=any(root in an.elements.attention for _, root in items))
     return ChannelGroup(
         size=len(items), members=members, gates=gates, bn=bn, prunable=not blocked,
         reason="; ".join(blocked) or None, exact_masking=not inexact,
@@ -166,7 +166,12 @@ def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
         extents=tuple(axis_length(modules[m.name], m.role) for m in members))
 
 
-def _gates(an: Analyzer, members: list[Member]) -> tuple[list[Gate], list[Member]]:
+def _gates(an: Analyzer, members: list[Member], attention: bool = False) -> tuple[list[Gate], list[Member]]:
+    if attention:  # a head is observed where its output enters the consumer (the output projection)
+        gates = [Gate(m.name, m.offset, an.input_dim[m.name], producer=m.name, span=m.span, on_input=True)
+                 for m in members if m.role == "in" and m.name in an.input_dim]
+        if gates:
+            return gates, []
     gates, bns = [], []
     for m in members:
         if not ROLES[m.role].produces or m.name not in an.gate_of:

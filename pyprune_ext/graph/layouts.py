@@ -73,6 +73,7 @@ class Elements:
     blocked: dict[int, dict[str, None]] = field(default_factory=dict)
     inexact: dict[int, dict[str, None]] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
+    attention: set[int] = field(default_factory=set)  # components that are attention heads
     # (module name, role, position along the module axis) -> element
     members: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
@@ -104,9 +105,10 @@ class Elements:
         for table in (self.blocked, self.inexact):
             if rb in table:
                 table.setdefault(ra, {}).update(table.pop(rb))
-        if rb in self.residual:
-            self.residual.discard(rb)
-            self.residual.add(ra)
+        for flagged in (self.residual, self.attention):
+            if rb in flagged:
+                flagged.discard(rb)
+                flagged.add(ra)
         return ra
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
@@ -132,6 +134,12 @@ class Elements:
     def mark_residual(self, ids) -> None:
         for e in np.asarray(ids).tolist():
             self.residual.add(self.find(int(e)))
+
+    def mark_attention(self, ids) -> None:
+        """The components of ``ids`` are attention heads (their Taylor gate is the
+        input of the layer that consumes the heads' output)."""
+        for e in np.asarray(ids).tolist():
+            self.attention.add(self.find(int(e)))
 
     def attach(self, name: str, role: str, ids: np.ndarray) -> None:
         """Module ``name``'s axis ``role`` position ``p`` carries element ``ids[p]``.

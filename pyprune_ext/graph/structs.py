@@ -53,9 +53,12 @@ class Gate:
     channel_dim: int
     producer: str = ""
     span: int = 1
+    # observe the module's (first) input instead of its output: an attention head is
+    # scored where its output enters the output projection, not at q/k/v
+    on_input: bool = False
 
     def positions(self, channel: int) -> range:
-        """The output channels of group channel ``channel``."""
+        """The output channels (input channels, ``on_input``) of group channel ``channel``."""
         start = (self.offset + channel) * self.span
         return range(start, start + self.span)
 

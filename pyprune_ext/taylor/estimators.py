@@ -36,7 +36,11 @@ since the last pruning step):
     ``H_cc = B * second``, ``B`` the minibatch size (dim 0 of the gate's output).
 
 A group's score is the sum of its members' scores (a residual stream's channel
-is removed from every layer that writes it). Channels already pruned score 0.
+is removed from every layer that writes it). A unit of channels that goes as a
+whole (an attention head, a grouped conv's group) has one gate: its statistics
+sum over the unit's channels before squaring, in the same pass (the channel dim
+viewed as (units, span)). An attention head's gate is its output where it enters
+the output projection (``Gate.on_input``). Channels already pruned score 0.
 
 Distributed (DDP): the per-minibatch statistics are summed over the ranks
 before they are squared, in one all-reduce per minibatch, so every rank gets
@@ -137,11 +141,15 @@ def _recompute_output(module: nn.Module, inputs: tuple) -> Tensor:
 class _GatePoint:
     """Accumulates taylor_channel_stats of one module's output over a backward pass."""
 
-    def __init__(self, module: nn.Module, name: str, channel_dim: int, channels: int, device):
-        self.module, self.name, self.channel_dim = module, name, channel_dim
-        dtype = torch.float64  # (C,) sums: cheap, and exact enough for any input dtype
-        self.first = torch.zeros(channels, dtype=dtype, device=device)
-        self.second = torch.zeros(channels, dtype=dtype, device=device)
+    def __init__(self, module: nn.Module, name: str, channel_dim: int, channels: int, device,
+                 on_input: bool = False, span: int = 1):
+        self.module, self.name, self.channel_dim, self.on_input = module, name, channel_dim, on_input
+        if channels % span:
+            raise ValueError(f"Taylor gate at {name!r}: {channels} channels are not whole units of {span}")
+        self.span = span
+        dtype = torch.float64  # (units,) sums: cheap, and exact enough for any input dtype
+        self.first = torch.zeros(channels // span, dtype=dtype, device=device)
+        self.second = torch.zeros(channels // span, dtype=dtype, device=device)
         self.batch = 0  # examples seen in this minibatch (for so_fisher's B)
         self.seen = False
 
@@ -176,8 +184,26 @@ class _GatePoint:
 
         output.register_hook(on_grad)
 
+    def pre_hook(self, module, inputs) -> None:
+        """An input gate: the module's first input and its gradient (nothing modifies
+        a layer's input in place after the layer has read it)."""
+        x = inputs[0] if inputs else None
+        if not (torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad):
+            return
+        held = [x.detach()]
+
+        def on_grad(grad: Tensor) -> None:
+            if held:
+                self._accumulate(held.pop(), grad)
+
+        x.register_hook(on_grad)
+
     def _accumulate(self, activation: Tensor, grad: Tensor) -> None:
-        first, second = taylor_channel_stats(activation, grad, self.channel_dim)
+        dim = self.channel_dim % activation.dim()
+        if self.span > 1:  # one gate per unit (a head, a conv group): its channel dim split into (units, span)
+            shape = activation.shape[:dim] + (-1, self.span) + activation.shape[dim + 1:]
+            activation, grad = activation.reshape(shape), grad.reshape(shape)
+        first, second = taylor_channel_stats(activation, grad, dim)
         self.first += first.to(self.first.dtype)
         self.second += second.to(self.second.dtype)
         self.batch += activation.shape[0]
@@ -213,14 +239,18 @@ class GateEstimator(Estimator):
         modules = dict(model.named_modules())
         for i in self.indices:
             for gate in self.groups[i].gates:
-                if gate.name not in self.points:
+                if _point_key(gate) not in self.points:
                     module = modules[gate.name]
-                    self.points[gate.name] = _GatePoint(module, gate.name, gate.channel_dim,
-                                                        _output_channels(module), device)
+                    channels = _input_channels(module) if gate.on_input else _output_channels(module)
+                    self.points[_point_key(gate)] = _GatePoint(module, gate.name, gate.channel_dim, channels, device,
+                                                               on_input=gate.on_input, span=gate.span)
 
     def attach(self) -> None:
         for point in self.points.values():
-            self._handles.append(point.module.register_forward_hook(point.forward_hook))
+            if point.on_input:
+                self._handles.append(point.module.register_forward_pre_hook(point.pre_hook))
+            else:
+                self._handles.append(point.module.register_forward_hook(point.forward_hook))
 
     def _take_all(self) -> dict[str, tuple[Tensor, Tensor, int]] | None:
         """Every gate point's minibatch sums (over all ranks when synchronised)."""
@@ -248,17 +278,21 @@ class GateEstimator(Estimator):
             group = self.groups[i]
             total = torch.zeros(group.size, dtype=torch.float64, device=self.scores.sums[i].device)
             for gate in group.gates:
-                first, second, batch = taken[gate.name]
-                total += _per_channel(self.score(first, second, batch), gate.offset, gate.span, group.size)
+                first, second, batch = taken[_point_key(gate)]  # per unit of gate.span channels
+                total += self.score(first, second, batch)[gate.offset:gate.offset + group.size]
             self.scores.add(i, total)
         return True
 
 
-def _per_channel(scores: Tensor, offset: int, span: int, size: int) -> Tensor:
-    """Group channel c's score from per-position ``scores``: the sum over its
-    positions ``(offset + c) * span`` .. ``+ span - 1`` (a unit of channels that
-    goes as a whole, e.g. a grouped conv's group, scores what its channels score)."""
-    return scores[offset * span:(offset + size) * span].reshape(size, span).sum(1)
+def _point_key(gate) -> tuple[str, bool, int]:
+    return gate.name, gate.on_input, gate.span
+
+
+def _input_channels(module: nn.Module) -> int:
+    axis = spec_for(module).axes(module).get("in")
+    if axis is None:
+        raise TypeError(f"{type(module).__name__} has no input-channel axis for an input gate")
+    return axis.length
 
 
 def _output_channels(module: nn.Module) -> int:
