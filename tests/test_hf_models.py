@@ -159,3 +159,11 @@ def test_update_config_refuses_sizes_transformers_rejects_and_keeps_the_config()
 def test_update_config_refuses_an_unknown_architecture():
     with pytest.raises(ValueError, match="no layout for model_type 'bert'.*register_architecture"):
         hf.update_config(bert())
+
+
+def test_keyword_example_inputs_are_passed_by_keyword():
+    """A dict of forward arguments reaches a **kwargs forward as keywords (HF's own decorators
+    would see a positional use_cache twice otherwise)."""
+    x = tokens()
+    groups = quiet_groups(bert().eval(), {"input_ids": x, "attention_mask": torch.ones_like(x)})
+    assert [g.size for g in groups_with(groups, "attention.self.query")] == [4, 4]

@@ -132,11 +132,14 @@ def _argument_names(model: nn.Module, count: int) -> list[str]:
     return [names[i] if i < len(names) else f"input_{i}" for i in range(count)]
 
 
-def trace_by_execution(model: nn.Module, args: tuple, is_leaf) -> fx.Graph:
-    """Runs ``model(*args)`` once and returns the graph of what ran."""
+def trace_by_execution(model: nn.Module, args: tuple, is_leaf, kwargs: dict | None = None) -> fx.Graph:
+    """Runs ``model(*args, **kwargs)`` once and returns the graph of what ran."""
     graph = fx.Graph()
     recorder = _Recorder(model, graph)
+    kwargs = kwargs or {}
     for name, value in zip(_argument_names(model, len(args)), args):
+        recorder.register(value, graph.placeholder(name))
+    for name, value in kwargs.items():
         recorder.register(value, graph.placeholder(name))
     handles = []
     try:
@@ -144,7 +147,7 @@ def trace_by_execution(model: nn.Module, args: tuple, is_leaf) -> fx.Graph:
             handles.append(leaf.register_forward_pre_hook(recorder.pre_hook(name), with_kwargs=True))
             handles.append(leaf.register_forward_hook(recorder.post_hook(name), with_kwargs=True))
         with recorder:
-            output = model(*args)
+            output = model(*args, **kwargs)
         graph.output(recorder.as_arg(output))
     finally:
         for handle in handles:

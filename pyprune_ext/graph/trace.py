@@ -132,7 +132,10 @@ def trace_model(model: nn.Module, example_inputs, ignored: set[int]) -> Traced:
         except Exception as fx_error:  # noqa: BLE001 - any fx failure means: try the fallback
             reason = f"{type(fx_error).__name__}: {str(fx_error).splitlines()[0] if str(fx_error) else ''}"
         try:
-            graph = trace_by_execution(model, args, is_leaf)
+            if isinstance(example_inputs, dict):  # as the user calls it: by keyword
+                graph = trace_by_execution(model, (), is_leaf, kwargs=dict(example_inputs))
+            else:
+                graph = trace_by_execution(model, args, is_leaf)
         except Exception as run_error:
             raise RuntimeError(f"dependency_groups: torch.fx could not trace {type(model).__name__} ({reason}) "
                                f"and running it on the example input failed too: {run_error}") from run_error
