@@ -184,6 +184,8 @@ def count_cost(model: nn.Module, example_inputs: Union[Tensor, Sequence], *,
     def hook(module: nn.Module, args: Tuple, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
         macs[id(module)] += specs[id(module)].macs(module, args[0], out, norm_macs)
+        for child, count in specs[id(module)].child_macs(module, args[0], out).items():
+            macs[id(module.get_submodule(child))] += count
         calls[id(module)] += 1
         shapes[id(module)] = tuple(out.shape[1:])
 

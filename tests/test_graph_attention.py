@@ -296,3 +296,104 @@ def test_every_criterion_prunes_heads(criterion):
     small = pruner.finalize()
     heads = [b.attn.q.out_features // 8 for b in small.blocks]
     assert sum(heads) == 6 and [b.fc.out_features for b in small.blocks] == [48, 48]
+
+
+# -- nn.MultiheadAttention --------------------------------------------------------------------------
+torchvision = pytest.importorskip("torchvision")
+
+
+def small_vit():
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=48,
+                             num_classes=10)
+
+
+def attention_groups(groups):
+    return [g for g in groups if any(m.role == "heads" for m in g.members)]
+
+
+def test_vit_heads_removed_equal_masked_and_become_pyprune_attention():
+    from pyprune_ext.nn import MultiheadAttention
+
+    torch.manual_seed(0)
+    groups, removed = assert_removed_equals_masked(small_vit(), torch.randn(2, 3, 32, 32), expect_groups=4)
+    heads = attention_groups(groups)
+    assert [g.size for g in heads] == [4, 4] and all(g.exact_masking for g in heads)
+    assert {(m.name.rsplit(".", 1)[-1], m.role, m.span) for m in heads[0].members} == {
+        ("self_attention", "heads", 8), ("out_proj", "in", 8)}
+    attention = removed.encoder.layers[0].self_attention
+    assert type(attention) is MultiheadAttention
+    assert attention.embed_dim == 32 and attention.num_heads < 4 and attention.head_dim == 8
+    assert attention.in_proj_weight.shape == (3 * attention.num_heads * 8, 32)
+
+
+class Encoder(nn.Module):
+    """nn.MultiheadAttention, sequence first, with its (head-averaged) weights read or not."""
+
+    def __init__(self, read_weights=False, per_head=False):
+        super().__init__()
+        self.read_weights, self.per_head = read_weights, per_head
+        self.fc_in = nn.Linear(6, EMBED)
+        self.attn = nn.MultiheadAttention(EMBED, 4)
+        self.fc_out = nn.Linear(EMBED, 3)
+
+    def forward(self, x):
+        h = self.fc_in(x)
+        y, weights = self.attn(h, h, h, average_attn_weights=not self.per_head)
+        out = self.fc_out(F.relu(y))
+        return out + weights.sum() if self.read_weights else out
+
+
+def test_sequence_first_attention_heads_are_exact_when_weights_are_unused():
+    groups, removed = assert_removed_equals_masked(Encoder(), torch.randn(SEQ, 2, 6), expect_groups=2)
+    (heads,) = attention_groups(groups)
+    assert heads.size == 4 and heads.exact_masking and removed.attn.num_heads < 4
+
+
+@pytest.mark.parametrize("per_head, verdict", [(False, "inexact"), (True, "blocked")])
+def test_read_attention_weights_make_heads_inexact_or_blocked(per_head, verdict):
+    groups = dependency_groups(Encoder(read_weights=True, per_head=per_head).eval(), torch.randn(SEQ, 2, 6))
+    (heads,) = attention_groups(groups)
+    if verdict == "inexact":
+        assert heads.prunable and not heads.exact_masking and "averaged over heads" in heads.exact_reason
+    else:
+        assert not heads.prunable and "per head" in heads.reason
+
+
+def test_taylor_prunes_vit_heads_and_neurons_uniformly():
+    import io
+
+    torch.manual_seed(0)
+    model, x = small_vit(), torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * (1 + 14)), every=1, prune_per_step=8,
+                          max_fraction=lambda g: 0.25 if "self_attention" in g.name else 0.3, uniform=True)
+    assert pruner.converted_attention == ["encoder.layers.encoder_layer_0.self_attention",
+                                          "encoder.layers.encoder_layer_1.self_attention"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    while not pruner.done:
+        loss = F.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        pruner.step()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    report_before = pruner.report()
+    small = pruner.finalize()
+    with torch.no_grad():
+        assert relative_difference(masked, small(x)) <= 1e-4
+    layers = small.encoder.layers
+    assert [l.self_attention.num_heads for l in layers] == [3, 3]
+    assert [l.mlp[0].out_features for l in layers] == [34, 34]
+    report = pruner.report()
+    assert report.measured and report.params_after < report.params_before
+    assert report.params_after == report_before.params_after  # the estimate was right
+    buffer = io.BytesIO()
+    torch.save(small, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), small(x))

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyprune_ext.cost import count_cost
-from pyprune_ext.graph import zeroed_parameters
+from pyprune_ext.graph import zeroed_entries
 from pyprune_ext.models import TransformerMLPBlock, resnet20
 from pyprune_ext.taylor import Target, TaylorPruner, apply_plan
 
@@ -45,10 +45,9 @@ def masked_entries(pruner):
     for i, alive in pruner.alive.items():
         dead = (~alive).nonzero().flatten()
         for member in pruner.groups[i].members:
-            positions = [p for c in dead.tolist() for p in member.positions(c)]
-            for param, dim in zeroed_parameters(pruner.model.get_submodule(member.name), member.role):
-                if positions:
-                    yield param, dim, torch.tensor(positions)
+            positions = torch.tensor([p for c in dead.tolist() for p in member.positions(c)], dtype=torch.long)
+            if len(positions):
+                yield from zeroed_entries(pruner.model.get_submodule(member.name), member.role, positions)
 
 
 def masked_channels_are_zero(pruner):

@@ -22,7 +22,7 @@ from .specs import (ROLES, Axis, ChannelwiseSpec, LayerSpec, Role, register_laye
 from .rules import (Binary, Clamp, Concat, ElementWise, Like, Opaque, OpCall, OpRule, Pad, Reduction, Reshape,
                     Select, Softmax, Spatial, Split, register_op_rule, unregister_op_rule)
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
-from .surgery import remove_channels, shrink_module, zero_channels, zeroed_parameters
+from .surgery import remove_channels, shrink_module, zero_channels, zeroed_entries
 
 __all__ = [
     "Binary",
@@ -51,7 +51,7 @@ __all__ = [
     "registered_layers",
     "spec_for",
     "unregister_layer",
-    "zeroed_parameters",
+    "zeroed_entries",
     "ChannelGroup",
     "Gate",
     "GraphAnalysisWarning",

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from .layouts import Tracked, Untracked
+from .optable import get_arg
 
 if TYPE_CHECKING:  # only for annotations: the analysis calls the specs, not the other way round
     from .analysis import Analyzer
@@ -65,6 +66,7 @@ class Role:
 
 ROLES: dict[str, Role] = {
     "out": Role(produces=True, zeroes=True, order=0),
+    "heads": Role(produces=True, zeroes=True, order=1),  # attention heads inside a layer (q/k/v rows)
     "depthwise": Role(produces=True, zeroes=True, order=1),
     "norm": Role(produces=False, zeroes=True, order=2),
     "channel": Role(produces=False, zeroes=False, order=3),
@@ -83,6 +85,15 @@ class Axis:
     tensors: Mapping[str, int] = field(default_factory=dict)
     in_feature: bool = False
     out_feature: bool = False
+    # tensors holding several equal blocks of the axis along their dim (a packed q/k/v weight: 3)
+    blocks: Mapping[str, int] = field(default_factory=dict)
+
+    def index(self, tensor: str, positions: Tensor) -> Tensor:
+        """Where ``positions`` of the axis sit along ``tensor``'s dim: in every block."""
+        blocks = self.blocks.get(tensor, 1)
+        if blocks == 1:
+            return positions
+        return torch.cat([positions + k * self.length for k in range(blocks)])
 
 
 def _present(module: nn.Module, dims: Mapping[str, int]) -> dict[str, int]:
@@ -150,6 +161,17 @@ class LayerSpec:
             return axis.tensors.get("weight")
         return None
 
+    def entries(self, module: nn.Module, role: str, positions: Tensor) -> list[tuple[str, Tensor, int, Tensor]]:
+        """(name, tensor, dim, index) of every tensor axis ``role`` indexes: ``positions``
+        of the axis are ``index`` along ``dim`` (several blocks: see ``Axis.blocks``)."""
+        axis = self.axes(module)[role]
+        out = []
+        for name, dim in axis.tensors.items():
+            t = module._parameters.get(name, module._buffers.get(name))
+            if t is not None:
+                out.append((name, t, dim, axis.index(name, positions)))
+        return out
+
     # -- cost ---------------------------------------------------------------------------------
     def features(self, module: nn.Module) -> tuple[int, int]:
         """(input, output) channels for cost tables."""
@@ -158,18 +180,27 @@ class LayerSpec:
         outs = [a.length for a in axes.values() if a.out_feature]
         return (ins[0] if ins else 0), (outs[0] if outs else 0)
 
+    # the tensor whose size the layer's MACs are proportional to (the cost estimate scales by it)
+    macs_tensor: str = "weight"
+
     def macs(self, module: nn.Module, inp: Tensor, out: Tensor, norm_macs: bool) -> int:
         """Multiply-accumulates of one call over the whole batch."""
         return 0
+
+    def child_macs(self, module: nn.Module, inp: Tensor, out: Tensor) -> dict[str, int]:
+        """MACs the call did in a child layer's place (its weights used as a function):
+        child name -> MACs, counted on the child's row."""
+        return {}
 
     def shrunk_numel(self, module: nn.Module, tensor: str, removed: Mapping[str, int]) -> int:
         """Elements of ``tensor`` once ``removed[role]`` positions left each axis."""
         t = module._parameters.get(tensor, module._buffers.get(tensor))
         shape = list(t.shape)
+        axes = self.axes(module)
         for role, count in removed.items():
             d = self.tensor_dims(module, role, tensor)
             if d is not None:
-                shape[d] -= count
+                shape[d] -= count * (axes[role].blocks.get(tensor, 1) if role in axes else 1)
         return math.prod(shape)
 
     # -- Taylor gates ---------------------------------------------------------------------------
@@ -414,6 +445,90 @@ class EmbeddingSpec(LayerSpec):
         return module.num_embeddings, module.embedding_dim
 
 
+class MultiheadAttentionSpec(LayerSpec):
+    """nn.MultiheadAttention (and pyprune_ext.nn.MultiheadAttention), packed q/k/v:
+    ``"in"``, the input width (``in_proj_weight`` dim 1), and ``"heads"``, its
+    heads of ``head_dim`` (``in_proj_weight`` / ``in_proj_bias`` rows, in each of
+    the q, k and v blocks). The output projection is its own Linear member
+    (``<name>.out_proj``: the heads are its inputs, the output width its
+    outputs). A module that loses heads becomes a pyprune_ext.nn.MultiheadAttention,
+    whose heads need not fill ``embed_dim``; its forward calls ``out_proj`` as a
+    module, where a head's Taylor gate observes it."""
+
+    def axes(self, module):
+        inner = module.in_proj_weight.shape[0] // 3
+        return {"in": Axis(module.embed_dim, {"in_proj_weight": 1}, in_feature=True),
+                "heads": Axis(inner, _present(module, {"in_proj_weight": 0, "in_proj_bias": 0}), out_feature=True,
+                              blocks={"in_proj_weight": 3, "in_proj_bias": 3})}
+
+    def unsupported_state(self, name, module):
+        from ..nn.attention import unsupported
+        problem = unsupported(module)
+        return f"{name}: {problem}" if problem else super().unsupported_state(name, module)
+
+    def analyse(self, an, node, name, module, x, meta):
+        args, kwargs = an.resolve(node.args), an.resolve(node.kwargs)
+        inputs = [get_arg(args, kwargs, i, (n,)) for i, n in enumerate(("query", "key", "value"))]
+        for t in inputs:  # q, k and v are projected by the same columns: one input width
+            if isinstance(t, (Tracked, Untracked)):
+                an.elements.attach(name, "in", an.channels_in(t, len(t.shape) - 1, name))
+        heads = an.elements.new(self.axes(module)["heads"].length)
+        couple_blocks(an, heads, module.head_dim)
+        out_proj = f"{name}.out_proj"
+        an.first_seen.setdefault(out_proj, len(an.first_seen))
+        an.elements.attach(name, "heads", heads)
+        an.elements.attach(out_proj, "in", heads)
+        an.elements.mark_attention(heads)
+        an.input_dim.setdefault(out_proj, -1)
+        self._check_heads(an, node, name, heads, args, kwargs)
+        out_meta, weights_meta = meta
+        out = Tracked(len(out_meta.shape) - 1, an.produce(out_proj, module.embed_dim, node, -1), out_meta.shape)
+        return out, an.untracked_like(weights_meta, f"comes from the attention weights of {name}")
+
+    @staticmethod
+    def _check_heads(an, node, name, heads, args, kwargs):
+        """A mask per head fixes the head count; attention weights read after the call
+        are averaged over (or returned per) head: removing heads changes them."""
+        mask = get_arg(args, kwargs, 5, ("attn_mask",))
+        if isinstance(mask, (Tracked, Untracked)) and len(mask.shape) == 3:
+            an.elements.block(heads, f"{name} has an attention mask with one slice per head")
+        weights_read = any(user.args[1] == 1 and user.users for user in node.users
+                           if user.op == "call_function" and len(user.args) > 1)
+        if get_arg(args, kwargs, 4, ("need_weights",), True) and weights_read:
+            if get_arg(args, kwargs, 6, ("average_attn_weights",), True):
+                an.elements.mark_inexact(heads, f"{name}'s attention weights (averaged over heads) are used")
+            else:
+                an.elements.block(heads, f"{name} returns attention weights per head, and they are used")
+
+    def resize(self, module, lengths):
+        from ..nn.attention import MultiheadAttention
+        module.embed_dim = module.kdim = module.vdim = lengths.get("in", module.embed_dim)
+        if "heads" in lengths:
+            module.num_heads = lengths["heads"] // module.head_dim
+        # torch's class needs num_heads * head_dim == embed_dim: the copy becomes ours (same
+        # attributes and parameters, a forward that does not need it)
+        module.__class__ = MultiheadAttention
+
+    def features(self, module):
+        return module.embed_dim, module.embed_dim
+
+    macs_tensor = "in_proj_weight"
+
+    def macs(self, module, inp, out, norm_macs):
+        """The q/k/v projections, for self-attention (keys as many as queries); the
+        attention products are not counted, as for hand-written attention."""
+        tokens = inp.numel() // inp.shape[-1]
+        return tokens * module.in_proj_weight.shape[0] * module.embed_dim
+
+    def child_macs(self, module, inp, out):
+        """torch's forward runs the output projection as a function: its MACs go on
+        out_proj's row, where pyprune_ext's (which calls it as a module) has them too."""
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            return {}
+        tokens = inp.numel() // inp.shape[-1]
+        return {"out_proj": tokens * module.out_proj.in_features * module.out_proj.out_features}
+
+
 # -- normalisations ------------------------------------------------------------------------------------
 class _NormSpec(LayerSpec):
     def macs(self, module, inp, out, norm_macs):
@@ -580,6 +695,7 @@ def _register_builtins() -> None:
     register_layer(nn.GroupNorm, GroupNormSpec())
     register_layer(nn.Embedding, EmbeddingSpec())
     register_layer(nn.PReLU, PReLUSpec())
+    register_layer(nn.MultiheadAttention, MultiheadAttentionSpec())
 
 
 _register_builtins()

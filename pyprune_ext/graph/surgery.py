@@ -134,10 +134,11 @@ def _select(t: Tensor, selections) -> Tensor:
 def _selections(spec: LayerSpec, module: nn.Module, pname: str, idx: dict[str, Tensor]):
     """(dim, kept index) per changed axis that indexes tensor ``pname``."""
     selections = []
+    axes = spec.axes(module)
     for role, index in idx.items():
         dim = spec.tensor_dims(module, role, pname)
         if dim is not None:
-            selections.append((dim, index))
+            selections.append((dim, axes[role].index(pname, index)))
     return selections
 
 
@@ -228,20 +229,17 @@ def zero_channels(model: nn.Module, group: ChannelGroup, channels) -> None:
     index = _channel_index(channels, group, "channels", allow_empty=True)
     _check_members(model, group, f"group '{group.name}'")
     for m in group.members:
-        if not ROLES[m.role].zeroes or index.numel() == 0:
+        if index.numel() == 0:
             continue
-        module = model.get_submodule(m.name)
-        positions = member_positions(m, index)
-        for param, dim in zeroed_parameters(module, m.role):
+        for param, dim, positions in zeroed_entries(model.get_submodule(m.name), m.role, member_positions(m, index)):
             param.index_fill_(dim, positions.to(param.device), 0)
 
 
-def zeroed_parameters(module: nn.Module, role: str) -> list[tuple[Tensor, int]]:
-    """(parameter, dim) pairs that masking a channel of ``module``'s axis
+def zeroed_entries(module: nn.Module, role: str, positions: Tensor) -> list[tuple[Tensor, int, Tensor]]:
+    """(parameter, dim, index) that masking ``positions`` of ``module``'s axis
     ``role`` zeroes: the axis's parameters (buffers such as running statistics
     are left alone), or nothing for a role that does not zero."""
     if not ROLES[role].zeroes:
         return []
-    axis = spec_for(module).axes(module)[role]
-    return [(module._parameters[name], dim) for name, dim in axis.tensors.items()
-            if module._parameters.get(name) is not None]
+    return [(t, dim, index) for name, t, dim, index in spec_for(module).entries(module, role, positions)
+            if module._parameters.get(name) is t]

@@ -69,9 +69,13 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..graph.specs import spec_for
+from ..graph.surgery import member_positions
 from ..ops import taylor_channel_stats, taylor_weight_stats
 
 CRITERIA = ("fo_bn", "fo_gate", "fo_fg", "fo_weight", "so_fisher")
+# the members whose filters fo_weight scores: layers computing the channels (a conv's or a
+# Linear's rows, an attention layer's q/k/v rows of a head)
+WEIGHT_ROLES = ("out", "heads")
 
 
 class GroupScores:
@@ -334,7 +338,7 @@ class ParamEstimator(Estimator):
         self.captures: dict[int, _GradCapture] = {}
 
     def _members(self, group):
-        return group.bn if self.criterion == "fo_bn" else [m for m in group.members if m.role == "out"]
+        return group.bn if self.criterion == "fo_bn" else [m for m in group.members if m.role in WEIGHT_ROLES]
 
     def attach(self) -> None:
         for i in self.indices:
@@ -377,23 +381,25 @@ class ParamEstimator(Estimator):
 
     def _member_score(self, member, size: int, grads: dict) -> Tensor:
         module = self.modules[member.name]
-        window = slice(member.offset * member.span, (member.offset + size) * member.span)
-        first = torch.zeros(size * member.span, dtype=torch.float64, device=module.weight.device)
-        second = torch.zeros_like(first)
-        for param, dim in _axis_parameters(module, member.role):
-            grad = grads.get(id(param))
+        positions = member_positions(member, torch.arange(size))
+        first, second = None, None
+        for name, param, dim, index in spec_for(module).entries(module, member.role, positions):
+            grad = grads.get(id(param)) if module._parameters.get(name) is param else None
             if grad is None:
                 continue
-            # the member's channels first: a ConvTranspose holds its output channels on dim 1
-            w, g = param.detach().movedim(dim, 0)[window], grad.movedim(dim, 0)[window]
+            # the member's channels first (a ConvTranspose holds its output channels on dim 1), each
+            # block of a packed tensor (q, k and v rows) in turn
+            index = index.to(param.device)
+            w, g = param.detach().index_select(dim, index).movedim(dim, 0), grad.index_select(dim, index).movedim(dim, 0)
             if w.dim() == 1:  # bias, or a BatchNorm's gamma / beta: one value per channel
-                product = (w * g).double()
-                first += product
-                second += product ** 2
+                f = (w * g).double()
+                s = f ** 2
             else:
-                f, s = taylor_weight_stats(w.contiguous(), g.contiguous())
-                first += f.double()
-                second += s.double()
+                f, s = (t.double() for t in taylor_weight_stats(w.contiguous(), g.contiguous()))
+            f, s = f.reshape(-1, len(positions)).sum(0), s.reshape(-1, len(positions)).sum(0)
+            first, second = (f, s) if first is None else (first + f, second + s)
+        if first is None:
+            first = second = torch.zeros(len(positions), dtype=torch.float64, device=self.scores.sums[0].device)
         first = first.reshape(size, member.span).sum(1)  # a unit of span positions scores as one
         second = second.reshape(size, member.span).sum(1)
         return second if self.square_then_sum else first ** 2

@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
-from ..graph.surgery import member_positions, zeroed_parameters
+from ..graph.surgery import member_positions, zeroed_entries
+from ..nn.attention import convert as convert_attention
 from ..masking import ZeroKeeper
 from .importance import build_importance, read_scores
 from .report import PruningReport, estimate_cost
@@ -213,6 +214,9 @@ class TaylorPruner:
         self.model, self.every, self.round_to, self.scope = model, every, round_to, scope
         self.momentum, self.normalize = momentum, normalize
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        # torch's MultiheadAttention computes its output projection as a function, where a head's
+        # gate cannot observe it: switch to pyprune_ext's (same parameters and outputs)
+        self.converted_attention = convert_attention(model)
         self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore)
         self.prunable = [i for i, g in enumerate(self.groups) if g.prunable and g.exact_masking]
         self._floor = {i: _floor(self.groups[i], max_fraction, round_to) for i in self.prunable}
@@ -394,8 +398,8 @@ class TaylorPruner:
         index = torch.tensor(channels, dtype=torch.long)
         for member in group.members:
             positions = member_positions(member, index)
-            for param, dim in zeroed_parameters(self._modules[member.name], member.role):
-                self._zeros.add_indices(param, dim, positions)
+            for param, dim, entries in zeroed_entries(self._modules[member.name], member.role, positions):
+                self._zeros.add_indices(param, dim, entries)
 
     def _check_ranks_agree(self, what: str, tensors) -> None:
         if self.sync is not None:

@@ -41,9 +41,9 @@ def _scaled_layer(layer: LayerCost, module: nn.Module | None, removed: Mapping[s
     before = sum(p.numel() for _, p in own)
     after = sum(spec.shrunk_numel(module, name, removed) for name, _ in own)
     params = round(layer.params * after / before) if before else 0
-    weight = module._parameters.get("weight")
+    weight = module._parameters.get(spec.macs_tensor)
     if weight is not None and weight.numel():
-        macs_kept = spec.shrunk_numel(module, "weight", removed) / weight.numel()
+        macs_kept = spec.shrunk_numel(module, spec.macs_tensor, removed) / weight.numel()
     else:  # a norm without affine parameters: per channel
         macs_kept = math.prod(kept.values())
     in_kept = math.prod(kept[r] for r in kept if axes[r].in_feature)
