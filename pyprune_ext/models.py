@@ -15,7 +15,8 @@ The lottery-ticket paper's networks (Frankle & Carbin 2019, Figure 2):
   an ordinary module that dependency analysis and structural pruning can see.
 
 Also :func:`vgg11_bn_small` (a VGG-11-style net with BatchNorm for small grayscale
-images), :func:`mlp`, :class:`TransformerMLPBlock` (a pre-norm transformer MLP block)
+images), :func:`mlp`, :class:`TransformerMLPBlock` (a pre-norm transformer MLP block),
+:func:`vit` (a small Vision Transformer)
 and, when torchvision is installed, :func:`resnet18`.
 
 LeNet, Conv-N and :func:`mlp` use the paper's Gaussian Glorot initialisation
@@ -33,6 +34,7 @@ import math
 from collections import OrderedDict
 from typing import Callable, Dict, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -41,6 +43,9 @@ __all__ = [
     "CifarResNet",
     "ConvNet",
     "TransformerMLPBlock",
+    "ViT",
+    "ViTBlock",
+    "vit",
     "build_model",
     "conv2",
     "conv4",
@@ -305,6 +310,53 @@ class TransformerMLPBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm(x))))
 
 
+class ViTBlock(nn.Module):
+    """Pre-norm encoder block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (GELU)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer (Dosovitskiy et al., 2021) for small images:
+    patches of ``patch`` pixels embedded by a strided conv, a learned position
+    embedding, ``depth`` pre-norm blocks, mean pooling over the patches (no class
+    token) and a linear classifier. Structured pruning removes attention heads and
+    MLP neurons; the embedding width is the residual stream."""
+
+    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, patch: int | None = None,
+                 dim: int = 64, depth: int = 4, heads: int = 4, hidden: int = 128):
+        super().__init__()
+        channels, height, width = _check_input_shape(input_shape, "vit")
+        patch = patch or max(1, min(height, width) // 4)
+        if height % patch or width % patch:
+            raise ValueError(f"vit: the {height}x{width} input is not a whole number of {patch}x{patch} patches")
+        self.patch_embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.position = nn.Parameter(0.02 * torch.randn(1, (height // patch) * (width // patch), dim))
+        self.blocks = nn.Sequential(*(ViTBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def vit(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -> ViT:
+    """:class:`ViT` with 4 blocks of 4 heads (width 64, MLP 128) on 4 x 4 patches of a
+    quarter of the image side each (7x7 pixels on 28x28, 2x2 on 8x8 digits)."""
+    return ViT(input_shape, num_classes)
+
+
 # -------------------------------------------------------------------------- torchvision
 
 def _torchvision_models():
@@ -358,6 +410,7 @@ MODELS: Dict[str, ModelFactory] = {
     "conv6": lambda shape, k: conv6(shape, k),
     "resnet20": lambda shape, k: resnet20(k, shape[0]),
     "vgg11_bn_small": lambda shape, k: vgg11_bn_small(shape, k),
+    "vit": lambda shape, k: vit(shape, k),
 }
 if _torchvision_models() is not None:
     MODELS["resnet18"] = lambda shape, k: resnet18(

@@ -160,6 +160,22 @@ def test_taylor_channel_and_parameter_targets_and_dense_reuse(tmp_path):
     assert again["pruned"]["test_accuracy"] == by_channels["pruned"]["test_accuracy"]
 
 
+def test_taylor_vit_loses_heads_and_neurons_and_exports(tmp_path):
+    """The small ViT: heads (MultiheadAttention rows, out_proj columns) and MLP neurons are pruned,
+    the per-layer table shows both, and the export loads with plain torch."""
+    result = json.loads(ok(pyprune("taylor", "--model", "vit", "--epochs", 1, "--finetune-epochs", 0, "--every", 2,
+                                   "--criterion", "fo_gate", "--channels", 40, "--prune-per-step", 8, "--quiet",
+                                   "--json", "--export", tmp_path / "vit.pt", "--out", tmp_path / "run",
+                                   cwd=tmp_path)).stdout)
+    layers = {l["name"]: l for l in result["layers"]}
+    assert layers["blocks.0.attn"]["out_before"] == 64 and layers["blocks.0.attn.out_proj"]["in_before"] == 64
+    assert all(layers[f"blocks.{i}.attn"]["out_after"] == layers[f"blocks.{i}.attn.out_proj"]["in_after"]
+               and layers[f"blocks.{i}.attn"]["out_after"] % 16 == 0 for i in range(4))  # whole heads
+    assert sum(l["out_before"] - l["out_after"] for n, l in layers.items() if n.endswith("mlp.0")) > 0
+    model = torch.export.load(tmp_path / "vit.pt").module()
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
 # --------------------------------------------------------------------- lottery
 
 LOTTERY_TINY = ("--levels", 2, "--iterations", 60, "--eval-every", 20, "--quiet")

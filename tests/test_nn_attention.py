@@ -85,3 +85,35 @@ def test_refuses_what_it_does_not_support():
         MultiheadAttention.from_torch(nn.MultiheadAttention(E, H, add_bias_kv=True))
     with pytest.raises(ValueError, match="divisible"):
         MultiheadAttention(E, 3)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_self_attention_with_and_without_gradients(grad):
+    """One packed GEMM for self-attention; without gradients torch's own path when the heads
+    fill embed_dim: both give torch's result."""
+    reference, ours = pair(batch_first=True)
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(ours(x, x, x)[0], reference(x, x, x)[0])
+        torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], reference(x, x, x, need_weights=False)[0])
+
+
+def test_count_cost_is_the_same_for_torch_and_pyprune_attention():
+    from pyprune_ext.cost import count_cost
+
+    reference, ours = pair(batch_first=True)
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    model_a = nn.Sequential(reference)
+    want = count_cost(_First(model_a), x)
+    got = count_cost(_First(nn.Sequential(ours)), x)
+    assert (got.total_macs, got.total_params) == (want.total_macs, want.total_params)
+    assert want.total_macs == L * (3 * E * E + E * E)  # q/k/v and the output projection, per example
+
+
+class _First(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner[0](x, x, x, need_weights=False)[0]

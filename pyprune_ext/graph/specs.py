@@ -509,9 +509,6 @@ class MultiheadAttentionSpec(LayerSpec):
         # attributes and parameters, a forward that does not need it)
         module.__class__ = MultiheadAttention
 
-    def features(self, module):
-        return module.embed_dim, module.embed_dim
-
     macs_tensor = "in_proj_weight"
 
     def macs(self, module, inp, out, norm_macs):
@@ -523,7 +520,9 @@ class MultiheadAttentionSpec(LayerSpec):
     def child_macs(self, module, inp, out):
         """torch's forward runs the output projection as a function: its MACs go on
         out_proj's row, where pyprune_ext's (which calls it as a module) has them too."""
-        if type(module).forward is not nn.MultiheadAttention.forward:
+        functional = (type(module).forward is nn.MultiheadAttention.forward
+                      or getattr(module, "uses_torch_forward", lambda: False)())
+        if not functional:
             return {}
         tokens = inp.numel() // inp.shape[-1]
         return {"out_proj": tokens * module.out_proj.in_features * module.out_proj.out_features}

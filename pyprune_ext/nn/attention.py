@@ -77,10 +77,21 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Width of the heads together: ``num_heads * head_dim``."""
         return self.num_heads * self.head_dim
 
+    def uses_torch_forward(self) -> bool:
+        """Whether a call now runs torch's own forward (its fused inference kernels, the
+        output projection as a function): when the heads fill ``embed_dim`` and no
+        gradient is recorded, so no gate needs to observe ``out_proj``."""
+        return self.inner_dim == self.embed_dim and not torch.is_grad_enabled()
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
+        if self.uses_torch_forward():
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
         batched = query.dim() == 3
+        self_attention = query is key and key is value
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -89,10 +100,13 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         # (L, N, E) from here on, as torch's functional form
         length, batch, _ = query.shape
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q, k, v = self._heads(F.linear(query, w_q, b_q)), self._heads(F.linear(key, w_k, b_k)), \
-            self._heads(F.linear(value, w_v, b_v))  # (N, H, L, D)
+        if self_attention:  # one GEMM for q, k and v
+            q, k, v = (self._heads(t) for t in F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1))
+        else:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+            q, k, v = self._heads(F.linear(query, w_q, b_q)), self._heads(F.linear(key, w_k, b_k)), \
+                self._heads(F.linear(value, w_v, b_v))  # (N, H, L, D)
         mask = self._mask(attn_mask, key_padding_mask, batch, length, k.shape[2], q.dtype)
         dropout = self.dropout if self.training else 0.0
         if need_weights:
