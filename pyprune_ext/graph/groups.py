@@ -138,7 +138,8 @@ def bundle(an: Analyzer, model: nn.Module) -> list[ChannelGroup]:
     el = an.elements
     buckets = defaultdict(list)
     for root, (signature, offsets) in _components(el, an.first_seen).items():
-        key = (signature, tuple(sorted(el.blocked.get(root, ()))), tuple(sorted(el.inexact.get(root, ()))))
+        key = (signature, tuple(sorted(el.blocked.get(root, ()))), tuple(sorted(el.inexact.get(root, ()))),
+               tuple(sorted(el.renorm.get(root, {}).items())))
         buckets[key].append((offsets, root))
     runs = []
     for key, items in buckets.items():
@@ -154,15 +155,16 @@ def bundle(an: Analyzer, model: nn.Module) -> list[ChannelGroup]:
 
 
 def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
-    (signature, blocked, inexact), offsets = key, items[0][0]
+    (signature, blocked, inexact, renorm), offsets = key, items[0][0]
     members = [Member(name, role, offset, span) for (name, role, span), offset in zip(signature, offsets)]
     residual = any(root in an.elements.residual for _, root in items)
     gates, bn = _gates(an, members, attention=any(root in an.elements.attention for _, root in items))
     return ChannelGroup(
         size=len(items), members=members, gates=gates, bn=bn, prunable=not blocked,
-        reason="; ".join(blocked) or None, exact_masking=not inexact,
+        reason="; ".join(blocked) or None, exact_masking=not inexact and not renorm,
         name=_group_name(members, residual, len(items), modules),
-        exact_reason="; ".join(inexact) or None,
+        exact_reason="; ".join(list(inexact) + [reason for _, reason in renorm]) or None,
+        masked_norms=tuple(norm for norm, _ in renorm), exact_with_masked_norms=bool(renorm) and not inexact,
         extents=tuple(axis_length(modules[m.name], m.role) for m in members))
 
 

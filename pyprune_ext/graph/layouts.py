@@ -72,6 +72,8 @@ class Elements:
     parent: list[int] = field(default_factory=list)
     blocked: dict[int, dict[str, None]] = field(default_factory=dict)
     inexact: dict[int, dict[str, None]] = field(default_factory=dict)
+    # norms whose statistics must skip masked channels for masking to be exact: root -> {norm: reason}
+    renorm: dict[int, dict[str, str]] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     attention: set[int] = field(default_factory=set)  # components that are attention heads
     # (module name, role, position along the module axis) -> element
@@ -102,7 +104,7 @@ class Elements:
         if rb < ra:  # keep the older element as root: groups sort by creation order
             ra, rb = rb, ra
         self.parent[rb] = ra
-        for table in (self.blocked, self.inexact):
+        for table in (self.blocked, self.inexact, self.renorm):
             if rb in table:
                 table.setdefault(ra, {}).update(table.pop(rb))
         for flagged in (self.residual, self.attention):
@@ -130,6 +132,12 @@ class Elements:
     def mark_inexact(self, ids, reason: str) -> None:
         """Zeroing the components of ``ids`` is not the same as removing them."""
         self._mark(self.inexact, ids, reason)
+
+    def mark_renorm(self, ids, norm: str, reason: str) -> None:
+        """Zeroing the components of ``ids`` equals removing them once norm module
+        ``norm`` takes its statistics over the kept channels only."""
+        for root in {self.find(int(e)) for e in np.asarray(ids).tolist()}:
+            self.renorm.setdefault(root, {})[norm] = reason
 
     def mark_residual(self, ids) -> None:
         for e in np.asarray(ids).tolist():

@@ -563,7 +563,10 @@ class BatchNormSpec(_NormSpec):
 class LayerNormSpec(_NormSpec):
     """LayerNorm / RMSNorm over the last ``len(normalized_shape)`` dims; the
     channels are the last dim. Removing channels changes the statistics of the
-    others, so masking is never exact."""
+    others, so zeroing them is not removing them; over the channels alone
+    (``normalized_shape`` of one dim) the group lists the norm in
+    ``masked_norms``: statistics that skip the masked channels make masking exact
+    (``pyprune_ext.taylor.norm_masks``)."""
 
     def axes(self, module):
         last = len(module.normalized_shape) - 1
@@ -589,7 +592,11 @@ class LayerNormSpec(_NormSpec):
             return an.tracked_like(meta, x.dim, x.ids)
         ids = an.channels_in(x, last, name)
         an.elements.attach(name, "norm", ids)
-        an.elements.mark_inexact(ids, f"{type(module).__name__} {name} normalizes over the channels")
+        reason = f"{type(module).__name__} {name} normalizes over the channels"
+        if nd == 1:  # statistics over the channels alone: exact once they skip the masked ones
+            an.elements.mark_renorm(ids, name, reason)
+        else:
+            an.elements.mark_inexact(ids, reason)
         return an.tracked_like(meta, last, ids)
 
     def resize(self, module, lengths):

@@ -72,6 +72,9 @@ class ChannelGroup:
     producer, else the producer's own output. ``bn`` lists those BatchNorms.
     ``exact_masking`` is False when zeroing the channels (``zero_channels``) does
     not compute what removing them computes; ``exact_reason`` says why.
+    ``masked_norms`` lists LayerNorm/RMSNorm modules normalizing over these
+    channels: when they are the only reason, masking is exact once those norms
+    take their statistics over the kept channels (what TaylorPruner does).
     ``extents`` holds, per member, the length of the module axis when the
     analysis ran; ``remove_channels`` uses it to reject stale groups.
     """
@@ -86,6 +89,9 @@ class ChannelGroup:
     name: str
     exact_reason: str | None = None
     extents: tuple[int, ...] = field(default=(), repr=False)
+    masked_norms: tuple[str, ...] = ()
+    # exact once masked_norms skip the masked channels (nothing else makes masking inexact)
+    exact_with_masked_norms: bool = False
 
     def members_with_role(self, *roles: str) -> list[Member]:
         """The members whose role is one of ``roles``."""

@@ -57,6 +57,7 @@ from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
 from ..graph.surgery import member_positions, zeroed_entries
 from ..nn.attention import convert as convert_attention
+from .norm_masks import NormMasks
 from ..masking import ZeroKeeper
 from .importance import build_importance, read_scores
 from .report import PruningReport, estimate_cost
@@ -186,8 +187,12 @@ class TaylorPruner:
         process_group: the process group to synchronise over (default: the world).
 
     Groups the analysis marks unprunable, and groups where zeroing a channel is
-    not the same as removing it (``exact_masking`` False, e.g. coupled to a
-    LayerNorm over channels), are left alone. A group never loses its last channel.
+    not the same as removing it (``exact_masking`` False), are left alone, except
+    groups coupled only to LayerNorm/RMSNorm over their channels (a transformer's
+    residual stream, ``ChannelGroup.exact_with_masked_norms``): those norms then
+    take their statistics over the kept channels (:mod:`pyprune_ext.taylor.norm_masks`),
+    so the masked model computes what the pruned one will. A group never loses
+    its last channel.
     """
 
     def __init__(self, model: nn.Module, example_inputs, importance=None, *, criterion=None, target=None,
@@ -218,7 +223,8 @@ class TaylorPruner:
         # gate cannot observe it: switch to pyprune_ext's (same parameters and outputs)
         self.converted_attention = convert_attention(model)
         self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore)
-        self.prunable = [i for i, g in enumerate(self.groups) if g.prunable and g.exact_masking]
+        self.prunable = [i for i, g in enumerate(self.groups)
+                         if g.prunable and (g.exact_masking or g.exact_with_masked_norms)]
         self._floor = {i: _floor(self.groups[i], max_fraction, round_to) for i in self.prunable}
         self.prunable = [i for i in self.prunable if self._floor[i] < self.groups[i].size]
         self.uniform = uniform
@@ -241,6 +247,9 @@ class TaylorPruner:
         self._detach_when_collected = weakref.finalize(self, self.importance.detach)
         self._ema: dict[int, Tensor] = {}
         self._zeros = ZeroKeeper()  # masked channels, held at zero after every optimizer step
+        # norms over pruned channels take their statistics over the kept ones (masking == removal)
+        self._norm_masks = NormMasks(model, [n for i in self.prunable for n in self.groups[i].masked_norms])
+        weakref.finalize(self, self._norm_masks.remove)
         self._modules = dict(model.named_modules())
         self.cost_before: ModelCost = count_cost(model, self.example_inputs)
         self.history: list[PruneStep] = []
@@ -400,6 +409,8 @@ class TaylorPruner:
             positions = member_positions(member, index)
             for param, dim, entries in zeroed_entries(self._modules[member.name], member.role, positions):
                 self._zeros.add_indices(param, dim, entries)
+            if member.role == "norm" and member.name in self._norm_masks.keep:
+                self._norm_masks.mask(member.name, positions)
 
     def _check_ranks_agree(self, what: str, tensors) -> None:
         if self.sync is not None:
@@ -454,6 +465,7 @@ class TaylorPruner:
         if self.finalized:
             return self.model
         self.importance.detach()
+        self._norm_masks.remove()
         self._zeros.remove()
         self._zeros.clear()  # its indices are of the shapes before removal
         keep = {i: a.nonzero().flatten() for i, a in self.alive.items() if not bool(a.all())}
@@ -480,8 +492,10 @@ class TaylorPruner:
                 for i, a in self.alive.items() if not bool(a.all())}
 
     def remove(self) -> None:
-        """Detaches every hook without finalizing (masked channels stay zero)."""
+        """Detaches every hook without finalizing (masked channels stay zero; norms
+        over masked channels count them in their statistics again)."""
         self.importance.detach()
+        self._norm_masks.remove()
         self._zeros.remove()
         self.done = True
 
