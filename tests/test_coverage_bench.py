@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from pyprune_ext import bench
 from pyprune_ext.bench import coverage
@@ -208,3 +209,12 @@ def test_cli_bad_coverage_options_fail_in_one_line(argv, message, capsys):
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_zero_initialised_layers_are_redrawn():
+    """A zero classifier (ViT's) would make every output zero and removed == masked trivial."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    nn.init.zeros_(model[1].weight)
+    before = model[0].weight.clone()
+    coverage.redraw_zero_weights(model)
+    assert model[1].weight.abs().sum() > 0 and torch.equal(model[0].weight, before)

@@ -223,7 +223,19 @@ def build_model(name: str) -> nn.Module:
     if name in EXTRAS:
         return EXTRAS[name].build()
     import torchvision
-    return torchvision.models.get_model(name, weights=None)
+    return redraw_zero_weights(torchvision.models.get_model(name, weights=None))
+
+
+def redraw_zero_weights(model: nn.Module) -> nn.Module:
+    """Layers initialised to zero (ViT's classifier) drawn again (normal, std 0.02):
+    a zero output would make removed == masked hold trivially."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and not weight.any():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+    return model
 
 
 @contextlib.contextmanager
