@@ -3,8 +3,8 @@
 Removing heads and MLP neurons shrinks the layers, but the model's config still
 describes the old sizes, so ``save_pretrained`` / ``from_pretrained`` would
 rebuild the unpruned shapes. :func:`update_config` writes the pruned sizes
-back into the config (``num_attention_heads``, ``num_key_value_heads``,
-``intermediate_size``, with ``head_dim`` made explicit). A config holds one
+back into the config (``hidden_size``, ``num_attention_heads``,
+``num_key_value_heads``, ``intermediate_size``, with ``head_dim`` made explicit). A config holds one
 size per model, so every layer must have been pruned alike: prune with
 ``TaylorPruner(..., uniform=True)``.
 
@@ -86,8 +86,8 @@ def update_config(model: nn.Module) -> dict[str, tuple[int, int]]:
     heads = _one_value(_per_layer(model, layout.query, lambda m: m.out_features // head_dim), "query head counts")
     kv_heads = _one_value(_per_layer(model, layout.key, lambda m: m.out_features // head_dim), "key/value head counts")
     hidden = _one_value(_per_layer(model, layout.mlp, lambda m: m.out_features), "MLP sizes")
-    new = {"head_dim": head_dim, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-           "intermediate_size": hidden}
+    new = {"hidden_size": model.get_input_embeddings().embedding_dim, "head_dim": head_dim,
+           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": hidden}
     changed = {}
     for field, value in new.items():
         old = getattr(config, field, None)

@@ -103,7 +103,8 @@ def test_taylor_prunes_uniformly_and_the_config_round_trips(make, tmp_path):
     x, labels = tokens(batch=4), tokens(batch=4, seed=1)
 
     def share(group):  # half the KV groups (the config needs a head count dividing hidden_size), 30% of the MLP
-        return 0.5 if group.name.split(",")[0].endswith("q_proj") else 0.3
+        first = group.name.split(",")[0]
+        return 0.5 if first.endswith("q_proj") else 0.3 if first.endswith("mlp.gate_proj") else 0.0
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GraphAnalysisWarning)
@@ -167,3 +168,38 @@ def test_keyword_example_inputs_are_passed_by_keyword():
     x = tokens()
     groups = quiet_groups(bert().eval(), {"input_ids": x, "attention_mask": torch.ones_like(x)})
     assert [g.size for g in groups_with(groups, "attention.self.query")] == [4, 4]
+
+
+@pytest.mark.parametrize("make", [llama, qwen2], ids=["llama", "qwen2"])
+def test_taylor_prunes_the_residual_width_through_rmsnorm_and_the_config_round_trips(make, tmp_path):
+    """The stream (embedding columns, every projection on it, every RMSNorm) is pruned with the
+    norms' statistics over the kept channels; hidden_size follows into the config."""
+    torch.manual_seed(0)
+    model = make(heads=8, kv_heads=4)
+    x, labels = tokens(batch=4), tokens(batch=4, seed=1)
+    groups = quiet_groups(model.eval(), x)
+    (stream,) = [g for g in groups if g.name.startswith("residual")]
+    assert stream.exact_with_masked_norms and len(stream.masked_norms) == 5  # 2 per layer and the last
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        pruner = TaylorPruner(model.train(), x, "fo_gate", target=Target.channels(8), every=1, prune_per_step=4,
+                              max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    while not pruner.done:
+        loss = F.cross_entropy(model(x, use_cache=False).logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        pruner.step()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        masked = model(x, use_cache=False).logits
+    small = pruner.finalize()
+    with torch.no_grad():
+        assert relative_difference(masked, small(x, use_cache=False).logits) <= 1e-4
+    assert small.model.embed_tokens.embedding_dim == 24 and small.model.norm.weight.shape == (24,)
+    assert hf.update_config(small)["hidden_size"] == (32, 24)
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, use_cache=False).logits, small(x, use_cache=False).logits)

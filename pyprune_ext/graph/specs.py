@@ -261,6 +261,8 @@ def _trusted_subclass(module: nn.Module, base: type) -> bool:
 # imported that library (pyprune_ext never imports it)
 _LIBRARY_LAYERS: dict[tuple[str, str], object] = {
     ("transformers.pytorch_utils", "Conv1D"): lambda: TransposedLinearSpec(),
+    **{(f"transformers.models.{family}.modeling_{family}", f"{prefix}RMSNorm"): lambda: WeightRMSNormSpec()
+       for family, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
 }
 
 
@@ -568,17 +570,21 @@ class LayerNormSpec(_NormSpec):
     ``masked_norms``: statistics that skip the masked channels make masking exact
     (``pyprune_ext.taylor.norm_masks``)."""
 
+    @staticmethod
+    def normalized_shape(module) -> tuple[int, ...]:
+        return tuple(module.normalized_shape)
+
     def axes(self, module):
-        last = len(module.normalized_shape) - 1
-        return {"norm": Axis(module.normalized_shape[-1], _present(module, {"weight": last, "bias": last}),
+        shape = self.normalized_shape(module)
+        return {"norm": Axis(shape[-1], _present(module, {"weight": len(shape) - 1, "bias": len(shape) - 1}),
                              in_feature=True, out_feature=True)}
 
     def features(self, module):
-        size = math.prod(module.normalized_shape)
+        size = math.prod(self.normalized_shape(module))
         return size, size
 
     def analyse(self, an, node, name, module, x, meta):
-        nd, last = len(module.normalized_shape), len(x.shape) - 1
+        nd, last = len(self.normalized_shape(module)), len(x.shape) - 1
         if isinstance(x, Tracked) and x.dim < len(x.shape) - nd:
             # normalizes other dims; a zeroed channel becomes the bias, not zero
             an.elements.mark_inexact(x.ids, f"{name} normalizes a zeroed channel to its bias")
@@ -601,6 +607,19 @@ class LayerNormSpec(_NormSpec):
 
     def resize(self, module, lengths):
         module.normalized_shape = tuple(module.normalized_shape[:-1]) + (lengths["norm"],)
+
+
+class WeightRMSNormSpec(LayerNormSpec):
+    """An RMSNorm module written as ``weight * x * rsqrt(mean(x ** 2) + eps)``
+    over the last dim, with a (C,) ``weight`` and no size attribute (Hugging
+    Face's LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm)."""
+
+    @staticmethod
+    def normalized_shape(module) -> tuple[int, ...]:
+        return tuple(module.weight.shape)
+
+    def resize(self, module, lengths):
+        pass  # the weight's shape is its size
 
 
 class GroupNormSpec(_NormSpec):

@@ -21,19 +21,19 @@ __all__ = ["NormMasks", "masked_norm"]
 
 
 def masked_norm(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
-    """``module`` (LayerNorm or RMSNorm over the last dim) applied to ``x`` as if
-    the channels where ``keep`` is False were not there (they come out zero)."""
+    """``module`` (LayerNorm, or an RMSNorm: torch's or another library's, over the
+    last dim) applied to ``x`` as if the channels where ``keep`` is False were not
+    there (they come out zero)."""
     m = keep.to(device=x.device, dtype=x.dtype)
     count = m.sum()
     if isinstance(module, nn.LayerNorm):
         mean = (x * m).sum(-1, keepdim=True) / count
         centred = (x - mean) * m
         y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + module.eps)
-    elif isinstance(module, nn.RMSNorm):
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+    else:  # nn.RMSNorm, or an RMSNorm module of another library (variance_epsilon: Hugging Face's)
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+        eps = eps if eps is not None else torch.finfo(x.dtype).eps
         y = x * m * torch.rsqrt((x * x * m).sum(-1, keepdim=True) / count + eps)
-    else:
-        raise TypeError(f"masked_norm: expected a LayerNorm or RMSNorm, got {type(module).__name__}")
     if module.weight is not None:
         y = y * module.weight
     if getattr(module, "bias", None) is not None:
@@ -51,9 +51,10 @@ class NormMasks:
         self._handles = []
         for name in dict.fromkeys(norms):
             module = modules[name]
-            if module.normalized_shape is None or len(module.normalized_shape) != 1:
+            shape = getattr(module, "normalized_shape", None) or tuple(module.weight.shape)
+            if len(shape) != 1:
                 raise ValueError(f"NormMasks: {name} normalizes more than its channels")
-            keep = torch.ones(module.normalized_shape[0], dtype=torch.bool)
+            keep = torch.ones(shape[0], dtype=torch.bool)
             self.keep[name] = keep
             self._handles.append(module.register_forward_hook(_hook(keep)))
 
