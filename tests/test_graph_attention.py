@@ -15,6 +15,7 @@ from pyprune_ext.graph import dependency_groups
 from pyprune_ext.taylor import Target, TaylorPruner
 
 from test_graph_layers import assert_removed_equals_masked, relative_difference
+from pruning_loop import train_until_done
 
 EMBED, VOCAB, SEQ = 32, 40, 7
 
@@ -158,13 +159,7 @@ def test_taylor_prunes_heads_and_neurons_then_finalize_equals_masked():
     model, x = GPT(heads=4, kv_heads=2), tokens(batch=4)
     target = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1))
     pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(4), every=1, prune_per_step=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    while not pruner.done:
-        loss = F.cross_entropy(model(x).flatten(0, 1), target.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        pruner.step()
-        optimizer.step()
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x).flatten(0, 1), target.flatten()), lr=0.05)
     model.eval()
     with torch.no_grad():
         masked = model(x)
@@ -286,13 +281,7 @@ def test_every_criterion_prunes_heads(criterion):
     labels = tokens(batch=4, seed=1)
     pruner = TaylorPruner(model, x, criterion, target=Target.channels(2), every=1, prune_per_step=1,
                           max_fraction=lambda g: 0.5 if "attn.q" in g.name else 0.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    while not pruner.done:
-        loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        pruner.step()
-        optimizer.step()
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x).flatten(0, 1), labels.flatten()), lr=0.01)
     small = pruner.finalize()
     heads = [b.attn.q.out_features // 8 for b in small.blocks]
     assert sum(heads) == 6 and [b.fc.out_features for b in small.blocks] == [48, 48]
@@ -371,13 +360,7 @@ def test_taylor_prunes_vit_heads_and_neurons_uniformly():
                           max_fraction=lambda g: 0.25 if "self_attention" in g.name else 0.3, uniform=True)
     assert pruner.converted_attention == ["encoder.layers.encoder_layer_0.self_attention",
                                           "encoder.layers.encoder_layer_1.self_attention"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    while not pruner.done:
-        loss = F.cross_entropy(model(x), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        pruner.step()
-        optimizer.step()
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x), labels), lr=0.01)
     model.eval()
     with torch.no_grad():
         masked = model(x)

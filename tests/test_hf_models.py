@@ -20,6 +20,7 @@ from pyprune_ext.graph import GraphAnalysisWarning, dependency_groups  # noqa: E
 from pyprune_ext.taylor import Target, TaylorPruner  # noqa: E402
 
 from test_graph_layers import assert_removed_equals_masked, relative_difference  # noqa: E402
+from pruning_loop import train_until_done  # noqa: E402
 
 VOCAB, SEQ = 64, 7
 
@@ -57,6 +58,10 @@ class Output(nn.Module):
     def forward(self, input_ids):
         out = self.model(input_ids, use_cache=False) if hasattr(self.model, "lm_head") else self.model(input_ids)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def lm_loss(model, x, labels):
+    return F.cross_entropy(model(x, use_cache=False).logits.flatten(0, 1), labels.flatten())
 
 
 def tokens(batch=2, seed=0):
@@ -110,13 +115,7 @@ def test_taylor_prunes_uniformly_and_the_config_round_trips(make, tmp_path):
         warnings.simplefilter("ignore", GraphAnalysisWarning)
         pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * (2 + 14)), every=1,
                               prune_per_step=10, max_fraction=share, uniform=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    while not pruner.done:
-        loss = F.cross_entropy(model(x, use_cache=False).logits.flatten(0, 1), labels.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        pruner.step()
-        optimizer.step()
+    train_until_done(pruner, model, lambda m: lm_loss(m, x, labels))
     model.eval()
     with torch.no_grad():
         masked = model(x, use_cache=False).logits
@@ -184,13 +183,7 @@ def test_taylor_prunes_the_residual_width_through_rmsnorm_and_the_config_round_t
         warnings.simplefilter("ignore", GraphAnalysisWarning)
         pruner = TaylorPruner(model.train(), x, "fo_gate", target=Target.channels(8), every=1, prune_per_step=4,
                               max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    while not pruner.done:
-        loss = F.cross_entropy(model(x, use_cache=False).logits.flatten(0, 1), labels.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        pruner.step()
-        optimizer.step()
+    train_until_done(pruner, model, lambda m: lm_loss(m, x, labels))
     model.eval()
     with torch.no_grad():
         masked = model(x, use_cache=False).logits

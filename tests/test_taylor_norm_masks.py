@@ -14,6 +14,7 @@ from pyprune_ext.taylor.norm_masks import NormMasks, masked_norm
 
 from test_graph_attention import GPT, tokens
 from test_graph_layers import relative_difference
+from pruning_loop import train_until_done
 
 
 @pytest.mark.parametrize("norm", [nn.LayerNorm(12), nn.RMSNorm(12), nn.RMSNorm(12, eps=1e-3),
@@ -63,13 +64,7 @@ def test_taylor_prunes_the_residual_stream_and_finalize_equals_masked():
     labels = tokens(batch=4, seed=1)
     pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(8), every=1, prune_per_step=2,
                           max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    while not pruner.done:
-        loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        pruner.step()
-        optimizer.step()
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x).flatten(0, 1), labels.flatten()), lr=0.01)
     model.eval()
     with torch.no_grad():
         masked = model(x)

@@ -388,43 +388,32 @@ class LinearSpec(LayerSpec):
     features (weight dim 1), both on the input's last dim."""
 
     ticket_weights = ("weight",)
+    # the size attributes and the weight dims of the output / input features
+    out_attr, in_attr, out_dim, in_dim = "out_features", "in_features", 0, 1
 
     def axes(self, module):
-        return {"out": Axis(module.out_features, _present(module, {"weight": 0, "bias": 0}), out_feature=True),
-                "in": Axis(module.in_features, {"weight": 1}, in_feature=True)}
+        return {"out": Axis(getattr(module, self.out_attr), _present(module, {"weight": self.out_dim, "bias": 0}),
+                            out_feature=True),
+                "in": Axis(getattr(module, self.in_attr), {"weight": self.in_dim}, in_feature=True)}
 
     def analyse(self, an, node, name, module, x, meta):
         an.elements.attach(name, "in", an.channels_in(x, len(x.shape) - 1, name))
-        out_ids = an.produce(name, module.out_features, node, -1)
+        out_ids = an.produce(name, getattr(module, self.out_attr), node, -1)
         return Tracked(len(meta.shape) - 1, out_ids, meta.shape)
 
     def resize(self, module, lengths):
-        module.out_features = lengths.get("out", module.out_features)
-        module.in_features = lengths.get("in", module.in_features)
+        for role, attr in (("out", self.out_attr), ("in", self.in_attr)):
+            setattr(module, attr, lengths.get(role, getattr(module, attr)))
 
     def macs(self, module, inp, out, norm_macs):
-        return out.numel() * module.in_features
+        return out.numel() * getattr(module, self.in_attr)
 
 
 class TransposedLinearSpec(LinearSpec):
     """A linear layer storing its weight as (in, out): Hugging Face's ``Conv1D``
     (GPT-2), with ``nf`` output and ``nx`` input features."""
 
-    def axes(self, module):
-        return {"out": Axis(module.nf, _present(module, {"weight": 1, "bias": 0}), out_feature=True),
-                "in": Axis(module.nx, {"weight": 0}, in_feature=True)}
-
-    def analyse(self, an, node, name, module, x, meta):
-        an.elements.attach(name, "in", an.channels_in(x, len(x.shape) - 1, name))
-        out_ids = an.produce(name, module.nf, node, -1)
-        return Tracked(len(meta.shape) - 1, out_ids, meta.shape)
-
-    def resize(self, module, lengths):
-        module.nf = lengths.get("out", module.nf)
-        module.nx = lengths.get("in", module.nx)
-
-    def macs(self, module, inp, out, norm_macs):
-        return out.numel() * module.nx
+    out_attr, in_attr, out_dim, in_dim = "nf", "nx", 1, 0
 
 
 class EmbeddingSpec(LayerSpec):

@@ -390,7 +390,8 @@ class ParamEstimator(Estimator):
             # the member's channels first (a ConvTranspose holds its output channels on dim 1), each
             # block of a packed tensor (q, k and v rows) in turn
             index = index.to(param.device)
-            w, g = param.detach().index_select(dim, index).movedim(dim, 0), grad.index_select(dim, index).movedim(dim, 0)
+            w = param.detach().index_select(dim, index).movedim(dim, 0)
+            g = grad.index_select(dim, index).movedim(dim, 0)
             if w.dim() == 1:  # bias, or a BatchNorm's gamma / beta: one value per channel
                 f = (w * g).double()
                 s = f ** 2
