@@ -15,3 +15,15 @@ def train_until_done(pruner, model, loss_of, lr: float = 0.01) -> None:
         loss.backward()
         pruner.step()
         optimizer.step()
+
+
+def finalize_and_compare(pruner, model, forward) -> tuple:
+    """Finalizes the pruner; returns (pruned model, max relative difference between the
+    masked model's ``forward(model)`` in eval mode and the pruned one's)."""
+    model.eval()
+    with torch.no_grad():
+        masked = forward(model)
+    small = pruner.finalize()
+    with torch.no_grad():
+        pruned = forward(small)
+    return small, float((masked - pruned).abs().max() / masked.abs().max().clamp_min(1e-12))

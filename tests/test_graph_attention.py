@@ -15,7 +15,7 @@ from pyprune_ext.graph import dependency_groups
 from pyprune_ext.taylor import Target, TaylorPruner
 
 from test_graph_layers import assert_removed_equals_masked, relative_difference
-from pruning_loop import train_until_done
+from pruning_loop import finalize_and_compare, train_until_done
 
 EMBED, VOCAB, SEQ = 32, 40, 7
 
@@ -160,12 +160,8 @@ def test_taylor_prunes_heads_and_neurons_then_finalize_equals_masked():
     target = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1))
     pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(4), every=1, prune_per_step=1)
     train_until_done(pruner, model, lambda m: F.cross_entropy(m(x).flatten(0, 1), target.flatten()), lr=0.05)
-    model.eval()
-    with torch.no_grad():
-        masked = model(x)
-    small = pruner.finalize()
-    with torch.no_grad():
-        assert relative_difference(masked, small(x)) <= 1e-5
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x))
+    assert difference <= 1e-5
     report = pruner.report()
     assert report.params_after < report.params_before
 

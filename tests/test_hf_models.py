@@ -19,8 +19,8 @@ from pyprune_ext import hf  # noqa: E402
 from pyprune_ext.graph import GraphAnalysisWarning, dependency_groups  # noqa: E402
 from pyprune_ext.taylor import Target, TaylorPruner  # noqa: E402
 
-from test_graph_layers import assert_removed_equals_masked, relative_difference  # noqa: E402
-from pruning_loop import train_until_done  # noqa: E402
+from test_graph_layers import assert_removed_equals_masked  # noqa: E402
+from pruning_loop import finalize_and_compare, train_until_done  # noqa: E402
 
 VOCAB, SEQ = 64, 7
 
@@ -116,12 +116,8 @@ def test_taylor_prunes_uniformly_and_the_config_round_trips(make, tmp_path):
         pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * (2 + 14)), every=1,
                               prune_per_step=10, max_fraction=share, uniform=True)
     train_until_done(pruner, model, lambda m: lm_loss(m, x, labels))
-    model.eval()
-    with torch.no_grad():
-        masked = model(x, use_cache=False).logits
-    small = pruner.finalize()
-    with torch.no_grad():
-        assert relative_difference(masked, small(x, use_cache=False).logits) <= 1e-4
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x, use_cache=False).logits)
+    assert difference <= 1e-4
     attention = [small.model.layers[i].self_attn for i in range(2)]
     assert [(a.q_proj.out_features, a.k_proj.out_features) for a in attention] == [(16, 8), (16, 8)]
     assert [small.model.layers[i].mlp.up_proj.out_features for i in range(2)] == [34, 34]
@@ -184,12 +180,8 @@ def test_taylor_prunes_the_residual_width_through_rmsnorm_and_the_config_round_t
         pruner = TaylorPruner(model.train(), x, "fo_gate", target=Target.channels(8), every=1, prune_per_step=4,
                               max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
     train_until_done(pruner, model, lambda m: lm_loss(m, x, labels))
-    model.eval()
-    with torch.no_grad():
-        masked = model(x, use_cache=False).logits
-    small = pruner.finalize()
-    with torch.no_grad():
-        assert relative_difference(masked, small(x, use_cache=False).logits) <= 1e-4
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x, use_cache=False).logits)
+    assert difference <= 1e-4
     assert small.model.embed_tokens.embedding_dim == 24 and small.model.norm.weight.shape == (24,)
     assert hf.update_config(small)["hidden_size"] == (32, 24)
     small.save_pretrained(tmp_path)

@@ -13,8 +13,7 @@ from pyprune_ext.taylor import Target, TaylorPruner
 from pyprune_ext.taylor.norm_masks import NormMasks, masked_norm
 
 from test_graph_attention import GPT, tokens
-from test_graph_layers import relative_difference
-from pruning_loop import train_until_done
+from pruning_loop import finalize_and_compare, train_until_done
 
 
 @pytest.mark.parametrize("norm", [nn.LayerNorm(12), nn.RMSNorm(12), nn.RMSNorm(12, eps=1e-3),
@@ -65,12 +64,8 @@ def test_taylor_prunes_the_residual_stream_and_finalize_equals_masked():
     pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(8), every=1, prune_per_step=2,
                           max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
     train_until_done(pruner, model, lambda m: F.cross_entropy(m(x).flatten(0, 1), labels.flatten()), lr=0.01)
-    model.eval()
-    with torch.no_grad():
-        masked = model(x)
-    small = pruner.finalize()
-    with torch.no_grad():
-        assert relative_difference(masked, small(x)) <= 1e-5
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x))
+    assert difference <= 1e-5
     assert small.embed.embedding_dim == 24 and small.ln.normalized_shape == (24,)
     assert small.blocks[0].attn.q.in_features == 24 and small.head.in_features == 24
     assert not small.ln._forward_hooks  # the statistics hooks are gone with finalize
