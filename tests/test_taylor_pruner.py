@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from pyprune_ext.cost import count_cost
 from pyprune_ext.graph import zeroed_entries
+from pyprune_ext.graph.specs import member_layer
 from pyprune_ext.models import TransformerMLPBlock, resnet20
 from pyprune_ext.taylor import Target, TaylorPruner, apply_plan
 
@@ -47,7 +48,8 @@ def masked_entries(pruner):
         for member in pruner.groups[i].members:
             positions = torch.tensor([p for c in dead.tolist() for p in member.positions(c)], dtype=torch.long)
             if len(positions):
-                yield from zeroed_entries(pruner.model.get_submodule(member.name), member.role, positions)
+                module, spec = member_layer(pruner.model, member)
+                yield from zeroed_entries(module, member.role, positions, spec)
 
 
 def masked_channels_are_zero(pruner):

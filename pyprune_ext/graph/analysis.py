@@ -18,10 +18,14 @@ import torch
 from torch import fx, nn
 
 from .layouts import Elements, TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
-from .optable import describe
+from .optable import ADD_LIKE, canonical, describe
 from .specs import spec_for
 from .structs import GraphAnalysisWarning
 from .recording import VALUE
+
+
+# ops a tensor attribute may meet the channels in and still lose them with them
+ELEMENTWISE_BINARY = ADD_LIKE | {"mul", "div"}
 
 
 def first_tensor_argument(args):
@@ -60,6 +64,8 @@ class Analyzer:
         self.first_seen: dict[str, int] = {}
         self.gate_of: dict[str, tuple[str, int]] = {}   # producer -> (gate module, channel dim)
         self.input_dim: dict[str, int] = {}             # consumer -> the dim of its input it reads channels on
+        self.tensor_dims: dict[str, int] = {}           # tensor attribute -> the dim carrying channels
+        self._tensor_problems: dict[str, str | None] = {}
         self.attr_reads: list[tuple[str, str]] = []     # (get_attr target, node name)
         self._warned: set[str] = set()
         # values whose pruned channels may be non-zero once masked: id -> (layout, reasons)
@@ -177,8 +183,57 @@ class Analyzer:
     def materialize(self, x: Untracked, dim: int) -> np.ndarray:
         key = (id(x), dim)
         if key not in self._materialized:
-            self._materialized[key] = self.elements.new(x.shape[dim], blocked=x.source)
+            ids = self._tensor_member(x, dim) if x.attribute is not None else None
+            if ids is None:
+                problem = self.tensor_problem(x.attribute) if x.attribute is not None else None
+                ids = self.elements.new(x.shape[dim], blocked=f"{x.source} ({problem})" if problem else x.source)
+            self._materialized[key] = ids
         return self._materialized[key]
+
+    # -- parameters and buffers the model reads directly ------------------------------------
+    def _tensor_member(self, x: Untracked, dim: int) -> np.ndarray | None:
+        """Elements for dim ``dim`` of the tensor attribute ``x`` (a ``layer_scale``
+        multiplied in, a position embedding added), attached as the member
+        (attribute, "tensor") so surgery slices it; None when it cannot follow."""
+        name = x.attribute
+        if self.tensor_problem(name) is not None:
+            return None
+        known = self.tensor_dims.setdefault(name, dim)
+        ids = self.elements.new(x.shape[dim])
+        if known != dim:
+            self.elements.block(ids, f"{name} meets the channels on dims {known} and {dim}")
+        self.elements.attach(name, "tensor", ids)
+        return ids
+
+    def tensor_problem(self, name: str) -> str | None:
+        """Why the tensor attribute ``name`` cannot lose channels with the values it
+        meets (None when it can): it must only be combined element-wise, belong to a
+        module without a layer spec and not be shared."""
+        if name not in self._tensor_problems:
+            self._tensor_problems[name] = self._find_tensor_problem(name)
+        return self._tensor_problems[name]
+
+    def _find_tensor_problem(self, name: str) -> str | None:
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = self.model.get_submodule(owner_name)
+        except AttributeError:
+            return f"{name} is not a tensor of the model"
+        tensor = owner._parameters.get(attr, owner._buffers.get(attr))
+        if tensor is None:
+            return f"{name} is not a parameter or buffer"
+        if owner_name in self.ignored or spec_for(owner) is not None:
+            return f"{name} belongs to {owner_name or 'the model'}, which is ignored or a known layer"
+        aliases = [n for n, t in list(self.model.named_parameters(remove_duplicate=False))
+                   + list(self.model.named_buffers(remove_duplicate=False)) if t is tensor]
+        if len(aliases) > 1:
+            return f"{name} is shared ({', '.join(aliases)})"
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and str(node.target) == name:
+                for user in node.users:
+                    if user.op not in ("call_function", "call_method") or canonical(user)[0] not in ELEMENTWISE_BINARY:
+                        return f"{name} is used by {describe(user)} at node '{user.name}', not element-wise"
+        return None
 
     def produce(self, name: str, count: int, node: fx.Node, channel_dim: int) -> np.ndarray:
         """The output channel elements of producer ``name`` (the same ones on every call)."""

@@ -11,7 +11,7 @@ from torch import nn
 from .analysis import Analyzer
 from .walk import analyse
 from .layouts import Elements
-from .specs import ROLES, spec_for
+from .specs import ROLES, member_layer, spec_for
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
 from .trace import trace_model
 
@@ -55,7 +55,7 @@ def _ignored_ids(model: nn.Module, ignore: Iterable[nn.Module]) -> set[int]:
 def _block_shared_weights(an: Analyzer, model: nn.Module) -> None:
     """Layers whose weights are also used elsewhere (read directly in forward, or
     tied to another module) cannot be rebuilt on their own."""
-    members = {name for name, _, _ in an.elements.members}
+    members = {name for name, role, _ in an.elements.members if role != "tensor"}
     for target, node_name in an.attr_reads:
         for name in members:
             if target.startswith(name + "."):
@@ -88,6 +88,16 @@ def _warn_unexecuted(model: nn.Module, an: Analyzer) -> None:
 
 
 # -- bundling components into groups -----------------------------------------------------------
+def member_length(modules, member: Member) -> int:
+    """Length of the axis a group member indexes (``modules``: the model or a name -> module map)."""
+    module, spec = member_layer(modules, member)
+    axis = spec.axes(module).get(member.role) if spec is not None else None
+    if axis is None:
+        raise ValueError(f"{type(module).__name__} has no '{member.role}' axis in its layer spec "
+                         f"({type(spec).__name__ if spec is not None else 'no spec registered'})")
+    return axis.length
+
+
 def axis_length(module: nn.Module, role: str) -> int:
     """Length of the module axis a member of ``role`` indexes (from its layer spec)."""
     spec = spec_for(module)
@@ -156,7 +166,8 @@ def bundle(an: Analyzer, model: nn.Module) -> list[ChannelGroup]:
 
 def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
     (signature, blocked, inexact, renorm), offsets = key, items[0][0]
-    members = [Member(name, role, offset, span) for (name, role, span), offset in zip(signature, offsets)]
+    members = [Member(name, role, offset, span, dim=an.tensor_dims.get(name) if role == "tensor" else None)
+               for (name, role, span), offset in zip(signature, offsets)]
     residual = any(root in an.elements.residual for _, root in items)
     gates, bn = _gates(an, members, attention=any(root in an.elements.attention for _, root in items))
     return ChannelGroup(
@@ -165,7 +176,7 @@ def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
         name=_group_name(members, residual, len(items), modules),
         exact_reason="; ".join(list(inexact) + [reason for _, reason in renorm]) or None,
         masked_norms=tuple(norm for norm, _ in renorm), exact_with_masked_norms=bool(renorm) and not inexact,
-        extents=tuple(axis_length(modules[m.name], m.role) for m in members))
+        extents=tuple(member_length(modules, m) for m in members))
 
 
 def _gates(an: Analyzer, members: list[Member], attention: bool = False) -> tuple[list[Gate], list[Member]]:
@@ -196,7 +207,7 @@ def _group_name(members: list[Member], residual: bool, size: int, modules) -> st
     if len(names) == 1:
         m = producers[0]
         whole = (len(producers) == 1 and m.offset == 0
-                 and size * m.span == axis_length(modules[m.name], m.role))
+                 and size * m.span == member_length(modules, m))
         if whole:
             return m.name
         return f"{m.name}[{m.offset}:{m.offset + size}]" + (f" (units of {m.span})" if m.span > 1 else "")

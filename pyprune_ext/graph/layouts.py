@@ -39,6 +39,8 @@ class Untracked:
 
     source: str
     shape: tuple[int, ...]
+    # the qualified name of the parameter or buffer this is, when the model reads it directly
+    attribute: str | None = None
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ ROLES: dict[str, Role] = {
     "depthwise": Role(produces=True, zeroes=True, order=1),
     "norm": Role(produces=False, zeroes=True, order=2),
     "channel": Role(produces=False, zeroes=False, order=3),
+    # a parameter or buffer the model reads directly (``Member.name`` is its qualified name)
+    "tensor": Role(produces=False, zeroes=True, order=3),
     "in": Role(produces=False, zeroes=False, order=4),
 }
 
@@ -113,6 +115,8 @@ class LayerSpec:
 
     cost: bool = True
     ticket_weights: tuple[str, ...] = ()
+    # masking zeroes the axis's buffers too (not a layer's running statistics, which are left alone)
+    zeroes_buffers: bool = False
     # a per-channel affine normalisation on dim 1 (y = gamma * xhat + beta): directly after a
     # producer, its output is the Taylor gate, and gamma/beta gradients give the gate's (fo_bn)
     gate_after: bool = False
@@ -214,6 +218,38 @@ class LayerSpec:
     def recompute(self, module: nn.Module, inputs: tuple) -> Tensor:
         """The module's output again from its inputs, without changing its state."""
         return module(*inputs)
+
+
+class TensorAttributeSpec(LayerSpec):
+    """A parameter or buffer the model reads directly (``layer_scale * x``,
+    ``x + position``), as a member: the tensor ``attr`` of its owner module,
+    ``dim`` following the channels. Built per member by :func:`member_layer`;
+    surgery replaces the tensor in place (the owner stays)."""
+
+    cost = False
+    zeroes_buffers = True  # a buffer added in (a fixed position encoding) is zeroed like a parameter
+
+    def __init__(self, attr: str, dim: int):
+        self.attr, self.dim = attr, dim
+
+    def axes(self, module):
+        tensor = module._parameters.get(self.attr, module._buffers.get(self.attr))
+        return {"tensor": Axis(tensor.shape[self.dim], {self.attr: self.dim})}
+
+    def resize(self, module, lengths):
+        pass
+
+
+def member_layer(modules, member) -> tuple[nn.Module, "LayerSpec"]:
+    """(module, spec) that a group member's axis belongs to: the module and its
+    registered spec, or for a ``"tensor"`` member its owner and a
+    :class:`TensorAttributeSpec`. ``modules``: the model or a name -> module mapping."""
+    get = modules.__getitem__ if isinstance(modules, Mapping) else modules.get_submodule
+    if member.role == "tensor":
+        owner, _, attr = member.name.rpartition(".")
+        return get(owner), TensorAttributeSpec(attr, member.dim)
+    module = get(member.name)
+    return module, spec_for(module)
 
 
 # -- the registry ---------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Member:
     role: str
     offset: int
     span: int = 1
+    dim: int | None = None  # role "tensor": the dim of the tensor ``name`` that carries the channels
 
     def positions(self, channel: int) -> range:
         """The module features (along this member's axis) of group channel ``channel``."""

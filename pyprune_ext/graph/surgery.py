@@ -10,8 +10,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .groups import axis_length
-from .specs import ROLES, LayerSpec, spec_for
+from .groups import member_length
+from .specs import ROLES, LayerSpec, member_layer, spec_for
 from .structs import ChannelGroup, Member
 
 
@@ -46,14 +46,14 @@ def _check_members(model: nn.Module, group: ChannelGroup, label: str) -> None:
     and the axis lengths the analysis saw."""
     for j, m in enumerate(group.members):
         try:
-            module = model.get_submodule(m.name)
+            module, spec = member_layer(model, m)
+            axes = spec.axes(module) if spec is not None else {}
         except AttributeError:
-            raise ValueError(f"{label}: the model has no submodule '{m.name}' (groups from another model?)") \
-                from None
-        spec = spec_for(module)
-        if spec is None or m.role not in spec.axes(module):
+            raise ValueError(f"{label}: the model has no submodule or tensor '{m.name}' (groups from another "
+                             "model?)") from None
+        if m.role not in axes:
             raise ValueError(f"{label}: member {m} is not a supported layer/role ({type(module).__name__})")
-        length = axis_length(module, m.role)
+        length = axes[m.role].length
         expected = group.extents[j] if j < len(group.extents) else length
         if length != expected or (m.offset + group.size) * m.span > length:
             raise ValueError(
@@ -92,7 +92,7 @@ def _axis_keeps(model, plan) -> dict[str, dict[str, Tensor]]:
         everything = torch.arange(group.size)
         dropped = everything[~torch.isin(everything, kept)]
         for m in group.members:
-            length = axis_length(model.get_submodule(m.name), m.role)
+            length = member_length(model, m)
             owned = owner.setdefault((m.name, m.role), torch.full((length,), -1, dtype=torch.int64))
             covered = member_positions(m, everything)
             clash = owned[covered]
@@ -210,10 +210,27 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: Mapping[
     """
     plan = _checked_plan(model, groups, keep)
     keeps = _axis_keeps(model, plan)
+    dims = {m.name: m.dim for _, group, _ in plan for m in group.members if m.role == "tensor"}
     for name, masks in keeps.items():
+        if "tensor" in masks:
+            _shrink_tensor(model, name, dims[name], masks["tensor"])
+            continue
         old = model.get_submodule(name)
         _replace(model, old, shrink_module(old, masks))
     return model
+
+
+def _shrink_tensor(model: nn.Module, name: str, dim: int, keep: Tensor) -> None:
+    """Keeps the positions ``keep`` marks along ``dim`` of the parameter or buffer
+    ``name`` (read directly by the model), in its owner module."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    kept = keep.nonzero().squeeze(1)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(_select(old, [(dim, kept)]), requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = _select(owner._buffers[attr], [(dim, kept)])
 
 
 @torch.no_grad()
@@ -231,15 +248,19 @@ def zero_channels(model: nn.Module, group: ChannelGroup, channels) -> None:
     for m in group.members:
         if index.numel() == 0:
             continue
-        for param, dim, positions in zeroed_entries(model.get_submodule(m.name), m.role, member_positions(m, index)):
+        module, spec = member_layer(model, m)
+        for param, dim, positions in zeroed_entries(module, m.role, member_positions(m, index), spec):
             param.index_fill_(dim, positions.to(param.device), 0)
 
 
-def zeroed_entries(module: nn.Module, role: str, positions: Tensor) -> list[tuple[Tensor, int, Tensor]]:
+def zeroed_entries(module: nn.Module, role: str, positions: Tensor,
+                   spec: LayerSpec | None = None) -> list[tuple[Tensor, int, Tensor]]:
     """(parameter, dim, index) that masking ``positions`` of ``module``'s axis
     ``role`` zeroes: the axis's parameters (buffers such as running statistics
-    are left alone), or nothing for a role that does not zero."""
+    are left alone), or nothing for a role that does not zero. ``spec``: the
+    member's (:func:`~pyprune_ext.graph.specs.member_layer`), default the module's."""
     if not ROLES[role].zeroes:
         return []
-    return [(t, dim, index) for name, t, dim, index in spec_for(module).entries(module, role, positions)
-            if module._parameters.get(name) is t]
+    spec = spec or spec_for(module)
+    return [(t, dim, index) for name, t, dim, index in spec.entries(module, role, positions)
+            if module._parameters.get(name) is t or (spec.zeroes_buffers and module._buffers.get(name) is t)]

@@ -7,7 +7,7 @@ from torch import fx, nn
 
 from .analysis import Analyzer
 from .function_rules import visit_function
-from .layouts import Tracked, iter_layouts
+from .layouts import Tracked, Untracked, iter_layouts
 from .module_rules import visit_module
 from .recording import VALUE
 
@@ -23,6 +23,8 @@ def analyse(model: nn.Module, graph: fx.Graph, ignored: set[str]) -> Analyzer:
             an.attr_reads.append((str(node.target), node.name))
             value = an.untracked_like(meta, f"comes from the tensor attribute '{node.target}', "
                                             "not from a prunable layer")
+            if isinstance(value, Untracked):
+                value = Untracked(value.source, value.shape, attribute=str(node.target))
         elif node.op in ("call_module", "call_function", "call_method"):
             dirty = an.dirty_inputs(node)
             value = visit_module(an, node) if node.op == "call_module" else visit_function(an, node)

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
+from ..graph.specs import member_layer
 from ..graph.surgery import member_positions, zeroed_entries
 from ..nn.attention import convert as convert_attention
 from .norm_masks import NormMasks
@@ -407,7 +408,8 @@ class TaylorPruner:
         index = torch.tensor(channels, dtype=torch.long)
         for member in group.members:
             positions = member_positions(member, index)
-            for param, dim, entries in zeroed_entries(self._modules[member.name], member.role, positions):
+            module, spec = member_layer(self._modules, member)
+            for param, dim, entries in zeroed_entries(module, member.role, positions, spec):
                 self._zeros.add_indices(param, dim, entries)
             if member.role == "norm" and member.name in self._norm_masks.keep:
                 self._norm_masks.mask(member.name, positions)

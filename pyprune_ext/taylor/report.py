@@ -58,9 +58,25 @@ def estimate_layers(before: ModelCost, groups: Sequence, alive: Mapping[int, Ten
     return [_scaled_layer(layer, modules.get(layer.name), removed.get(layer.name, {})) for layer in before.layers]
 
 
-def _totals(before: ModelCost, layers: Sequence[LayerCost]) -> tuple[int, int]:
-    """(MACs, params) of the model with ``layers`` in place of ``before.layers``."""
-    params = before.total_params - sum(l.params for l in before.layers) + sum(l.params for l in layers)
+def _tensor_params_removed(groups: Sequence, alive: Mapping[int, Tensor], modules) -> int:
+    """Parameters that the tensors read directly (role "tensor" members) lose."""
+    removed = 0
+    for i, live in alive.items():
+        count = int((~live).sum())
+        for member in groups[i].members if count else ():
+            if member.role == "tensor":
+                owner, _, attr = member.name.rpartition(".")
+                tensor = modules[owner]._parameters.get(attr)
+                if tensor is not None:
+                    removed += tensor.numel() // tensor.shape[member.dim] * count * member.span
+    return removed
+
+
+def _totals(before: ModelCost, layers: Sequence[LayerCost], tensors_removed: int = 0) -> tuple[int, int]:
+    """(MACs, params) of the model with ``layers`` in place of ``before.layers``
+    and ``tensors_removed`` parameters fewer outside them."""
+    params = before.total_params - sum(l.params for l in before.layers) + sum(l.params for l in layers) \
+        - tensors_removed
     macs = before.total_macs - sum(l.macs for l in before.layers) + sum(l.macs for l in layers)
     return macs, params
 
@@ -69,7 +85,8 @@ def estimate_cost(before: ModelCost, groups: Sequence, alive: Mapping[int, Tenso
                   modules: Mapping[str, nn.Module]) -> tuple[int, int]:
     """(MACs per example, parameters) after removing the channels not alive.
     Exact for the layers with a spec; other parameters are unchanged."""
-    return _totals(before, estimate_layers(before, groups, alive, modules))
+    return _totals(before, estimate_layers(before, groups, alive, modules),
+                   _tensor_params_removed(groups, alive, modules))
 
 
 @dataclass(frozen=True)
@@ -116,7 +133,7 @@ class PruningReport:
             params_after, macs_after = after.total_params, after.total_macs
         else:
             after_layers = estimate_layers(before, groups, alive, modules)
-            macs_after, params_after = _totals(before, after_layers)
+            macs_after, params_after = _totals(before, after_layers, _tensor_params_removed(groups, alive, modules))
         rows = tuple(LayerChange(b.name, b.type, b.in_features, b.out_features, a.in_features, a.out_features,
                                  b.params, a.params, b.macs, a.macs)
                      for b, a in zip(before.layers, after_layers))
