@@ -69,3 +69,56 @@ def test_taylor_prunes_the_residual_stream_and_finalize_equals_masked():
     assert small.embed.embedding_dim == 24 and small.ln.normalized_shape == (24,)
     assert small.blocks[0].attn.q.in_features == 24 and small.head.in_features == 24
     assert not small.ln._forward_hooks  # the statistics hooks are gone with finalize
+
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def test_channels_first_layernorm_masked_on_dim_1():
+    from torchvision.models.convnext import LayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(8).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    small = LayerNorm2d(6).double()
+    with torch.no_grad():
+        small.weight.copy_(norm.weight[keep])
+        small.bias.copy_(norm.bias[keep])
+        got = masked_norm(norm, x, keep, dim=1)
+        torch.testing.assert_close(got[:, keep], small(x[:, keep]))
+        assert float(got[:, ~keep].abs().max()) == 0.0
+
+
+class TinyConvNeXt(nn.Module):
+    """torchvision's CNBlock (layer_scale read directly, a LayerNorm over channels-last) and
+    LayerNorm2d between a stem and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.convnext import CNBlock, LayerNorm2d
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 2, stride=2), LayerNorm2d(16))
+        self.blocks = nn.Sequential(CNBlock(16, 0.5, 0.0), CNBlock(16, 0.5, 0.0))
+        self.norm, self.fc = LayerNorm2d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def test_taylor_prunes_a_convnext_stream():
+    torch.manual_seed(0)
+    model, x = TinyConvNeXt(), torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3])
+    groups = dependency_groups(model.eval(), x)
+    (stream,) = [g for g in groups if g.name.startswith("residual")]
+    assert stream.exact_with_masked_norms and "blocks.0.layer_scale" in {m.name for m in stream.members}
+    pruner = TaylorPruner(model.train(), x, "fo_gate", target=Target.channels(4), every=1, prune_per_step=2,
+                          max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x), labels), lr=0.05)
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x))
+    assert difference <= 1e-5
+    assert small.blocks[0].layer_scale.shape == (12, 1, 1) and small.norm.normalized_shape == (12,)

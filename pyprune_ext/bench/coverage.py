@@ -58,6 +58,8 @@ from torch.nn import functional as F
 import pyprune_ext
 import pyprune_ext.graph as graph
 from pyprune_ext.cost import count_cost
+from pyprune_ext.graph.surgery import member_positions
+from pyprune_ext.taylor.norm_masks import NormMasks
 
 from .common import machine_name, print_table, write_json
 
@@ -74,7 +76,8 @@ CHILD_MARKER = "@coverage "  # prefixes the child's JSON lines: models or librar
 TP_PACKAGE = "torch-pruning"
 
 SHARE_DEFINITION = (
-    "prunable share = (channels of the groups that are prunable and have exact_masking) / (channels of all "
+    "prunable share = (channels of the groups that are prunable and have exact_masking, or are exact once their "
+    "norms skip masked channels as TaylorPruner makes them) / (channels of all "
     "groups dependency_groups returns), where a group's channels are the output channels of its producing "
     "layers: group size x span summed over its 'out' and 'depthwise' members (a residual stream counts once "
     "per layer writing into it, a grouped conv's or GroupNorm's unit as its channels; the final classifier's "
@@ -295,7 +298,7 @@ def _refusal(group) -> Optional[str]:
     """Why the share does not count ``group``, or None when it does."""
     if not group.prunable:
         return group.reason
-    if not group.exact_masking:
+    if not (group.exact_masking or group.exact_with_masked_norms):
         return f"inexact masking: {group.exact_reason}"
     return None
 
@@ -352,9 +355,14 @@ def measure_ours(model: nn.Module, x: Tensor, base_cost) -> dict:
         cost = count_cost(removed, x)
         del removed
         masked = copy.deepcopy(model)
+        norms = NormMasks(masked, [n for g in pruned.values() for n in g.masked_norms])
         for g in pruned.values():
             graph.zero_channels(masked, g, dropped_channels(g.size))
+            for m in g.members:  # the norms' statistics skip the masked channels, as TaylorPruner's do
+                if m.role == "norm" and m.name in norms.keep:
+                    norms.mask(m.name, member_positions(m, dropped_channels(g.size)))
         out_masked = _forward(masked, x)
+        norms.remove()
         del masked
         diff = float((out_removed - out_masked).abs().max() / out_masked.abs().max().clamp_min(1e-12))
         result.update(

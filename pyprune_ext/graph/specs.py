@@ -297,6 +297,7 @@ def _trusted_subclass(module: nn.Module, base: type) -> bool:
 # imported that library (pyprune_ext never imports it)
 _LIBRARY_LAYERS: dict[tuple[str, str], object] = {
     ("transformers.pytorch_utils", "Conv1D"): lambda: TransposedLinearSpec(),
+    ("torchvision.models.convnext", "LayerNorm2d"): lambda: ChannelsFirstLayerNormSpec(),
     **{(f"transformers.models.{family}.modeling_{family}", f"{prefix}RMSNorm"): lambda: WeightRMSNormSpec()
        for family, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
 }
@@ -595,6 +596,8 @@ class LayerNormSpec(_NormSpec):
     ``masked_norms``: statistics that skip the masked channels make masking exact
     (``pyprune_ext.taylor.norm_masks``)."""
 
+    channel_dim = -1  # the dim of the input the statistics run over (pyprune_ext.taylor.norm_masks)
+
     @staticmethod
     def normalized_shape(module) -> tuple[int, ...]:
         return tuple(module.normalized_shape)
@@ -632,6 +635,19 @@ class LayerNormSpec(_NormSpec):
 
     def resize(self, module, lengths):
         module.normalized_shape = tuple(module.normalized_shape[:-1]) + (lengths["norm"],)
+
+
+class ChannelsFirstLayerNormSpec(LayerNormSpec):
+    """A LayerNorm over the channels of (N, C, ...) inputs, on dim 1 (torchvision's
+    ConvNeXt ``LayerNorm2d``: permute, ``F.layer_norm``, permute back)."""
+
+    channel_dim = 1
+
+    def analyse(self, an, node, name, module, x, meta):
+        ids = an.channels_in(x, 1, name)
+        an.elements.attach(name, "norm", ids)
+        an.elements.mark_renorm(ids, name, f"{type(module).__name__} {name} normalizes over the channels")
+        return an.tracked_like(meta, 1, ids)
 
 
 class WeightRMSNormSpec(LayerNormSpec):

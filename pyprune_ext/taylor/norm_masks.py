@@ -17,13 +17,17 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..graph.specs import spec_for
+
 __all__ = ["NormMasks", "masked_norm"]
 
 
-def masked_norm(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
-    """``module`` (LayerNorm, or an RMSNorm: torch's or another library's, over the
-    last dim) applied to ``x`` as if the channels where ``keep`` is False were not
-    there (they come out zero)."""
+def masked_norm(module: nn.Module, x: Tensor, keep: Tensor, dim: int = -1) -> Tensor:
+    """``module`` (LayerNorm, or an RMSNorm: torch's or another library's) applied
+    to ``x`` over its channels on ``dim`` as if the channels where ``keep`` is False
+    were not there (they come out zero)."""
+    if dim % x.dim() != x.dim() - 1:  # (N, C, H, W) for a channels-first LayerNorm
+        return masked_norm(module, x.movedim(dim, -1), keep).movedim(-1, dim)
     m = keep.to(device=x.device, dtype=x.dtype)
     count = m.sum()
     if isinstance(module, nn.LayerNorm):
@@ -51,12 +55,13 @@ class NormMasks:
         self._handles = []
         for name in dict.fromkeys(norms):
             module = modules[name]
-            shape = getattr(module, "normalized_shape", None) or tuple(module.weight.shape)
+            spec = spec_for(module)
+            shape = spec.normalized_shape(module)
             if len(shape) != 1:
                 raise ValueError(f"NormMasks: {name} normalizes more than its channels")
             keep = torch.ones(shape[0], dtype=torch.bool)
             self.keep[name] = keep
-            self._handles.append(module.register_forward_hook(_hook(keep)))
+            self._handles.append(module.register_forward_hook(_hook(keep, spec.channel_dim)))
 
     def mask(self, name: str, positions: Tensor) -> None:
         """The channels ``positions`` of norm ``name`` are masked from now on."""
@@ -68,9 +73,9 @@ class NormMasks:
         self._handles.clear()
 
 
-def _hook(keep: Tensor):
+def _hook(keep: Tensor, dim: int):
     def hook(module, inputs, output):
         if bool(keep.all()):
             return None
-        return masked_norm(module, inputs[0], keep)
+        return masked_norm(module, inputs[0], keep, dim)
     return hook
