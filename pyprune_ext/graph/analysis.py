@@ -105,6 +105,13 @@ class Analyzer:
             return self.tracked_like(meta, x.dim, x.ids)
         return self.untracked_like(meta, x.source if isinstance(x, Untracked) else "has no prunable channels")
 
+    def follow(self, x, meta):
+        """An op computing its output channel by channel from ``x``'s (an activation,
+        pooling, padding): the output has ``x``'s channels, and its dirt."""
+        out = self.passthrough(x, meta)
+        self.carry(x, out)
+        return out
+
     # -- masked values: where zeroed channels do not stay zero ----------------------------
     # Masking zeroes a group's producers. An op with f(0) != 0 (sigmoid, + 1, ...)
     # makes those channels non-zero in its output: the value is "dirty". That is
@@ -157,11 +164,12 @@ class Analyzer:
             if id(layout) not in self._settled and id(layout) not in outputs:
                 for reason in self.dirt(layout):
                     self.elements.mark_inexact(layout.ids, reason)
-        if mutates_input(node, self.model):
+        produced = [reasons for v in iter_layouts(value) if (reasons := self.dirt(v))]
+        if produced and mutates_input(node, self.model):
             target = first_tensor_argument(self.resolve(node.args))
-            for layout in iter_layouts(value):
-                if isinstance(target, Tracked):
-                    self.soil(target, self.dirt(layout) or {})
+            if isinstance(target, Tracked):
+                for reasons in produced:
+                    self.soil(target, reasons)
 
     # -- channels -----------------------------------------------------------------------
     def channels_in(self, x, dim: int, consumer: str) -> np.ndarray:

@@ -19,11 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .layouts import TensorMeta, Tracked, Untracked, is_tensor_layout
-from .optable import describe, get_arg
-
-
-def _what(node) -> str:
-    return f"{describe(node)} at node '{node.name}'"
+from .optable import describe_at as _what, get_arg
 
 
 def _out_dim_of_matmul(operand: Tracked, which: str, out_nd: int) -> int | None:

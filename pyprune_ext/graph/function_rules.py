@@ -39,9 +39,7 @@ def visit_function(an: Analyzer, node: fx.Node):
     if rule is None and (name == "getattr" or (name or "").startswith("attr:")):
         attr = args[1] if name == "getattr" else name[5:]
         if attr == "data":
-            out = an.passthrough(first, meta)
-            an.carry(first, out)
-            return out
+            return an.follow(first, meta)
         if attr in T.TENSOR_ATTRS:
             return reshape_via_probe(an, node, attr, first, args, kwargs, meta)
         return an.unknown(node, (args, kwargs), meta)

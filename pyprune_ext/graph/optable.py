@@ -141,6 +141,11 @@ def canonical(node: fx.Node) -> tuple[str | None, bool]:
     return ALIASES.get(name, name), False
 
 
+def describe_at(node: fx.Node) -> str:
+    """The op and its node, for reasons: "torch.roll at node 'roll'"."""
+    return f"{describe(node)} at node '{node.name}'"
+
+
 def describe(node: fx.Node) -> str:
     """A readable op name for messages: torch.roll, Tensor.view, operator.add, module 'fc'."""
     if node.op == "call_method":

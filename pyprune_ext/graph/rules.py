@@ -26,7 +26,7 @@ from . import attention as A
 from . import optable as T
 from .analysis import Analyzer
 from .layouts import TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
-from .optable import describe, get_arg
+from .optable import describe_at, get_arg
 from .recording import VALUE
 
 # shape ops whose arguments are sizes: a size equal to the channel count is hard-coded
@@ -45,8 +45,7 @@ def _has_tensor(meta) -> bool:
     return False
 
 
-def _what(node: fx.Node) -> str:
-    return f"{describe(node)} at node '{node.name}'"
+_what = describe_at
 
 
 def _elementwise(an, node, zero_preserving: bool, args, kwargs, meta):
@@ -55,9 +54,9 @@ def _elementwise(an, node, zero_preserving: bool, args, kwargs, meta):
     tensors = [v for v in iter_layouts((args, kwargs))]
     if len(tensors) > 1 and isinstance(meta, TensorMeta):
         out, _ = an.couple_elementwise(tensors, meta.shape, _what(node))
+        an.carry(tensors, out)
     else:
-        out = an.passthrough(tensors[0], meta)
-    an.carry(tensors, out)
+        out = an.follow(tensors[0], meta)
     if not zero_preserving:
         an.soil(out, f"{_what(node)} maps 0 to a non-zero value")
     return out
@@ -84,8 +83,7 @@ def _clamp(an, node, name, swapped, args, kwargs, meta):
     else:
         lo, hi = bounds
         zero_kept = (lo is None or lo <= 0) and (hi is None or hi >= 0)
-    out = an.passthrough(x, meta)
-    an.carry(x, out)
+    out = an.follow(x, meta)
     if not zero_kept:
         an.soil(out, f"{_what(node)} maps 0 to a non-zero value")
     return out
@@ -398,8 +396,7 @@ def _pad(an, node, name, swapped, args, kwargs, meta):
     padded = {nd - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
     if x.dim in padded:
         return an.unknown(node, x, meta, f"{_what(node)} pads the channel dim")
-    out = an.passthrough(x, meta)
-    an.carry(x, out)
+    out = an.follow(x, meta)
     if mode == "constant" and value not in (None, 0):
         an.soil(out, f"{_what(node)} pads with {value}")
     return out
@@ -413,9 +410,7 @@ def _spatial(an, node, dims: int | None, args, kwargs, meta):
     k = dims if dims is not None else nd - 2
     if x.dim >= nd - k:
         return an.unknown(node, x, meta, f"{_what(node)} pools or resizes over the channel dim")
-    out = an.passthrough(x, meta)
-    an.carry(x, out)
-    return out
+    return an.follow(x, meta)
 
 
 # -- splitting along the channels -------------------------------------------------------------------

@@ -47,7 +47,9 @@ from .optable import get_arg
 if TYPE_CHECKING:  # only for annotations: the analysis calls the specs, not the other way round
     from .analysis import Analyzer
 
-__all__ = ["ROLES", "Axis", "Role", "LayerSpec", "ConvSpec", "ConvTransposeSpec", "LinearSpec", "TransposedLinearSpec",
+__all__ = ["ROLES", "Axis", "Role", "LayerSpec", "ConvSpec", "ConvTransposeSpec", "LinearSpec",
+           "TransposedLinearSpec", "MultiheadAttentionSpec", "ChannelsFirstLayerNormSpec", "WeightRMSNormSpec",
+           "TensorAttributeSpec", "member_layer",
            "BatchNormSpec", "LayerNormSpec", "GroupNormSpec", "EmbeddingSpec", "ChannelwiseSpec", "PReLUSpec",
            "register_layer", "unregister_layer", "spec_for", "registered_layers"]
 

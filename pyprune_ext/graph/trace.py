@@ -47,7 +47,8 @@ def leaf_predicate(ignored: set[int]):
     default = fx.Tracer()
 
     def is_leaf(module: nn.Module, qualname: str = "") -> bool:
-        if id(module) in ignored or spec_for(module) is not None or module_class_rule(module) is not None or isinstance(module, OPAQUE_OK):
+        known = spec_for(module) is not None or module_class_rule(module) is not None
+        if id(module) in ignored or known or isinstance(module, OPAQUE_OK):
             return True
         if isinstance(module, CONTAINERS) or type(module) is nn.Module:
             return False  # containers (a bare nn.Module used as a namespace too): look inside
