@@ -247,3 +247,79 @@ def test_bad_arguments(kwargs, message):
         if callable(kwargs.get("target")):
             kwargs["target"] = kwargs["target"]()
         TaylorPruner(small_cnn(), torch.randn(2, 1, 8, 8), **kwargs)
+
+
+class FixedScores:
+    """An importance criterion with the same scores at every step: ``score(group)``."""
+
+    def __init__(self, groups, score):
+        self.groups, self.score = groups, score
+
+    def attach(self):
+        return self
+
+    def end_minibatch(self):
+        return True
+
+    def means(self):
+        return [torch.full((g.size,), float(self.score(g)), dtype=torch.float64) for g in self.groups]
+
+    def reset(self):
+        pass
+
+    def detach(self):
+        pass
+
+
+def vit_pruner(score, **kwargs):
+    """models.vit on 28x28 (16 tokens of width 64; 4 heads of 16 and 128 MLP neurons per block)."""
+    from pyprune_ext.graph import dependency_groups
+    from pyprune_ext.models import vit
+    torch.manual_seed(0)
+    model = vit((1, 28, 28), 10)
+    example = torch.zeros(2, 1, 28, 28)
+    groups = dependency_groups(model, (example,))
+    pruner = TaylorPruner(model, example, FixedScores(groups, score), groups=groups, every=1, **kwargs)
+    return pruner, {pruner.groups[i].name.split(":")[0]: i for i in pruner.prunable}
+
+
+def test_channel_costs_are_the_macs_and_params_one_more_channel_removal_saves():
+    pruner, index = vit_pruner(lambda g: 1.0, target=Target.channels(1))
+    macs, params = pruner.channel_costs("macs"), pruner.channel_costs("params")
+    tokens, width, head_dim, hidden = 16, 64, 16, 128
+    # a head: its q, k, v rows and out_proj columns; a neuron: a row of fc1 and a column of fc2 (+ fc1's bias)
+    assert macs[index["blocks.0.attn"]] == 4 * head_dim * width * tokens
+    assert params[index["blocks.0.attn"]] == 4 * head_dim * width + 3 * head_dim
+    assert macs[index["blocks.2.mlp.0"]] == 2 * width * tokens
+    assert params[index["blocks.2.mlp.0"]] == 2 * width + 1
+    with pytest.raises(ValueError, match="kind must be 'macs' or 'params'"):
+        pruner.channel_costs("latency")
+
+
+def test_channel_costs_follow_the_channels_masked_so_far():
+    # the residual width scores lowest: pruning it makes every neuron and head cheaper
+    pruner, index = vit_pruner(lambda g: 0.0 if g.name.startswith("residual") else 1.0,
+                               target=Target.channels(16), prune_per_step=16)
+    before = pruner.channel_costs()
+    pruner.prune_now()
+    assert int((~pruner.alive[index["residual"]]).sum()) == 16
+    after = pruner.channel_costs()
+    assert after[index["blocks.1.mlp.0"]] == before[index["blocks.1.mlp.0"]] * 48 // 64
+    assert after[index["blocks.1.attn"]] == before[index["blocks.1.attn"]] * 48 // 64
+
+
+@pytest.mark.parametrize("normalize, first", [(False, "mlp"), ("macs", "attn"), ("params", "attn")])
+def test_normalize_by_cost_ranks_importance_per_mac(normalize, first):
+    # a head scores 10x a neuron but costs 32x its MACs (and ~32x its parameters): per MAC it is worth less
+    def score(group):
+        return 10.0 if group.name.endswith("attn") else 100.0 if group.name.startswith("residual") else 1.0
+    pruner, index = vit_pruner(score, target=Target.channels(1), prune_per_step=1, normalize=normalize)
+    pruner.prune_now()
+    (lost,) = [pruner.groups[i].name for i, alive in pruner.alive.items() if not bool(alive.all())]
+    assert first in lost
+
+
+@pytest.mark.parametrize("normalize", ["flops", 1, "L2"])
+def test_normalize_refuses_an_unknown_normalisation(normalize):
+    with pytest.raises(ValueError, match="normalize must be False, True or one of 'l2', 'macs', 'params'"):
+        TaylorPruner(small_cnn(), torch.randn(2, 1, 8, 8), target=0.5, normalize=normalize)

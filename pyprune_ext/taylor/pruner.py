@@ -108,6 +108,21 @@ def _floor(group, max_fraction, round_to: int) -> int:
     return max(floor, group.size - math.floor(fraction * group.size + 1e-9))
 
 
+NORMALIZATIONS = ("l2", "macs", "params")
+
+
+def _normalization(normalize) -> str | None:
+    """The ``normalize`` option as None or one of NORMALIZATIONS (True means "l2")."""
+    if normalize is False or normalize is None:
+        return None
+    if normalize is True:
+        return "l2"
+    if isinstance(normalize, str) and normalize in NORMALIZATIONS:
+        return normalize
+    raise ValueError(f"normalize must be False, True or one of {', '.join(map(repr, NORMALIZATIONS))}, "
+                     f"got {normalize!r}")
+
+
 def alike_groups(groups, indices) -> list[list[int]]:
     """Classes of groups that are the same layer in different blocks: their member
     names and roles match once the block numbers are dropped
@@ -172,8 +187,14 @@ class TaylorPruner:
         scope: ``"global"`` (one ranking over all groups, the paper's) or
             ``"local"`` (each group loses the same fraction of its channels).
         momentum: EMA momentum of the scores across pruning steps (0 disables).
-        normalize: divide each group's scores by their L2 norm before ranking
-            (a per-layer normalisation; off by default, as in the paper).
+        normalize: how scores are made comparable across groups before ranking:
+            False (default, as in the paper): raw scores; ``"l2"`` (or True): each
+            group's scores divided by their L2 norm (a per-layer normalisation);
+            ``"macs"`` / ``"params"``: each channel's score divided by the MACs /
+            parameters its removal saves in the current model, so a unit that costs
+            as much as sixteen others (an attention head beside MLP neurons) must be
+            that much more important to stay: the greedy order of keeping the most
+            importance within a cost budget.
         square_then_sum: ``fo_weight`` only: sum of squares instead of square of sum.
         groups: precomputed :func:`pyprune_ext.graph.dependency_groups` (optional).
         max_fraction: the largest fraction of each group that may be pruned: a
@@ -198,7 +219,7 @@ class TaylorPruner:
 
     def __init__(self, model: nn.Module, example_inputs, importance=None, *, criterion=None, target=None,
                  prune_per_step: int | None = None, every: int = 30, ignore: Iterable[nn.Module] = (),
-                 round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool = False,
+                 round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool | str = False,
                  square_then_sum: bool = False, groups: Sequence | None = None,
                  max_fraction=None, uniform: bool = False,
                  distributed: bool | None = None, process_group=None):
@@ -218,7 +239,7 @@ class TaylorPruner:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.model, self.every, self.round_to, self.scope = model, every, round_to, scope
-        self.momentum, self.normalize = momentum, normalize
+        self.momentum, self.normalize = momentum, _normalization(normalize)
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         # torch's MultiheadAttention computes its output projection as a function, where a head's
         # gate cannot observe it: switch to pyprune_ext's (same parameters and outputs)
@@ -294,16 +315,39 @@ class TaylorPruner:
 
     def _smoothed_scores(self) -> dict[int, Tensor]:
         means = read_scores(self.importance, self.groups, self.prunable)
+        costs = self.channel_costs(self.normalize) if self.normalize in ("macs", "params") else None
         scores = {}
         for i in self.prunable:
             score = means[i]
             if i in self._ema and self.momentum > 0:
                 score = self.momentum * self._ema[i] + (1 - self.momentum) * score
             self._ema[i] = score
-            if self.normalize:
+            if self.normalize == "l2":
                 score = score / score[self.alive[i]].norm().clamp_min(1e-30)
+            elif costs is not None:
+                score = score / costs[i]
             scores[i] = torch.where(self.alive[i], score, torch.zeros_like(score))
         return scores
+
+    def channel_costs(self, kind: str = "macs") -> dict[int, int]:
+        """Prunable group index -> the MACs (``kind="macs"``) or parameters
+        (``"params"``) that removing one more of its live channels saves, given the
+        channels masked so far (a neuron's cost shrinks as the residual width it
+        reads shrinks). At least 1: a channel that saves nothing scores its full
+        importance and goes last, unless its importance is zero."""
+        if kind not in ("macs", "params"):
+            raise ValueError(f"channel_costs: kind must be 'macs' or 'params', got {kind!r}")
+        macs, params = self.estimated_cost()
+        base = macs if kind == "macs" else params
+        costs = {}
+        for i in self.prunable:
+            live = self.alive[i].nonzero().flatten()
+            if not len(live):
+                costs[i] = 1
+                continue
+            after = self.estimated_cost({i: [int(live[0])]})[0 if kind == "macs" else 1]
+            costs[i] = max(base - after, 1)
+        return costs
 
     def _min_alive(self, i: int) -> int:
         return self._floor[i]
