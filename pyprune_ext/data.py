@@ -1,6 +1,6 @@
 """Datasets for the examples, tests and benchmarks, read from local files only.
 
-Two sources, one interface (:class:`Splits`):
+Image datasets from two sources share one interface (:class:`Splits`):
 
 * **IDX datasets** (MNIST, Fashion-MNIST): the standard ``train-images-idx3-ubyte``
   / ``train-labels-idx1-ubyte`` / ``t10k-*`` files, gzip-compressed or raw, read by
@@ -10,23 +10,34 @@ Two sources, one interface (:class:`Splits`):
 * **scikit-learn digits** (8x8 grayscale, 1797 images, shipped inside scikit-learn):
   the small built-in dataset for fast end-to-end tests.
 
+and one text corpus has its own (:class:`TextSplits`):
+
+* **Python standard library sources** (:func:`load_python_corpus`): the top-level
+  ``*.py`` files of the running interpreter's standard library, a character-level
+  corpus present wherever Python is. It depends on the Python version (the standard
+  library changes between releases), so :attr:`TextSplits.source` names the folder
+  read and :attr:`TextSplits.files` how many files.
+
 Nothing is ever downloaded: a missing dataset raises :class:`FileNotFoundError`
 naming the paths that were tried and how to get the files.
 
 Splits follow the lottery-ticket paper: a validation set (default 5000 examples for
 the IDX datasets) is held out of the training set, chosen by a seeded permutation,
 and the official test set is kept whole. Images are float32 ``(N, 1, H, W)``
-tensors, normalised to zero mean and unit variance; labels are int64.
+tensors, normalised to zero mean and unit variance; labels are int64. The text
+corpus is split by position instead (the validation text follows the training
+text) and holds int64 token ids.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,13 +51,17 @@ __all__ = [
     "IdxFormatError",
     "Loaders",
     "Splits",
+    "TextLoader",
+    "TextSplits",
     "find_idx_files",
     "load_dataset",
     "load_digits_dataset",
     "load_idx_dataset",
+    "load_python_corpus",
     "make_loader",
     "make_loaders",
     "read_idx",
+    "text_loader",
     "write_idx",
 ]
 
@@ -556,3 +571,252 @@ def make_loaders(splits: Splits, batch_size: int = 60, *, eval_batch_size: int =
         val=make_loader(splits.val, eval_batch_size, num_workers=num_workers),
         test=make_loader(splits.test, eval_batch_size, num_workers=num_workers),
     )
+
+
+# --------------------------------------------------------------------------- text corpus
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class TextLoader:
+    """Batches of ``(x, y)`` windows of a token sequence, ``y`` being ``x`` shifted
+    by one position: ``x`` ``(B, context)`` holds tokens ``s .. s+context-1`` and
+    ``y`` tokens ``s+1 .. s+context`` of the same window.
+
+    One pass (epoch) cuts the sequence into windows starting ``context`` tokens
+    apart, so the inputs do not overlap and every token after the first is a
+    target once. With ``shuffle``, each pass shifts the cuts by a random offset
+    (within the tokens left over after the last whole window, so every pass has
+    the same number of windows) and visits the windows in a random order; without
+    it, the cuts start at 0 and the windows come in order.
+
+    The randomness comes from a ``torch.Generator`` owned by the loader and seeded
+    with ``seed``, so two loaders built alike yield the same batches in the same
+    order, pass after pass, whatever else uses torch's global random state.
+
+    ``steps=None``: iterating makes one pass, ``len()`` batches, the last one
+    smaller unless ``drop_last``. ``steps=n``: iterating yields exactly ``n`` full
+    batches, taking windows from as many passes as needed (a batch may span two
+    passes); the usual way to train a language model for a number of steps. Each
+    new iteration starts a new pass, the generator going on from where it stands.
+    """
+
+    def __init__(self, tokens: torch.Tensor, context: int, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, steps: Optional[int] = None, drop_last: bool = False):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            raise ValueError("tokens must be a 1-D integer tensor of token ids")
+        self.context = _positive_int(context, "context")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.steps = None if steps is None else _positive_int(steps, "steps")
+        if len(tokens) < self.context + 1:
+            raise ValueError(f"{len(tokens)} tokens are too few for one window: context={self.context} needs "
+                             f"{self.context + 1} (the input and its shifted target)")
+        self.tokens = tokens.long()
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.num_windows = (len(tokens) - 1) // self.context
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _pass(self) -> torch.Tensor:
+        """The ``(num_windows, context + 1)`` windows of one pass, in visiting order."""
+        spare = len(self.tokens) - 1 - self.num_windows * self.context
+        offset = int(torch.randint(spare + 1, (1,), generator=self.generator)) if self.shuffle else 0
+        windows = self.tokens[offset:offset + self.num_windows * self.context + 1]
+        windows = windows.unfold(0, self.context + 1, self.context)
+        if self.shuffle:
+            windows = windows[torch.randperm(self.num_windows, generator=self.generator)]
+        return windows
+
+    @staticmethod
+    def _split(windows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def __len__(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        full, rest = divmod(self.num_windows, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.steps is None:
+            windows = self._pass()
+            for start in range(0, len(self) * self.batch_size, self.batch_size):
+                yield self._split(windows[start:start + self.batch_size])
+            return
+        windows, at = self._pass(), 0
+        for _ in range(self.steps):
+            parts: List[torch.Tensor] = []
+            need = self.batch_size
+            while need:
+                if at == len(windows):
+                    windows, at = self._pass(), 0
+                take = min(need, len(windows) - at)
+                parts.append(windows[at:at + take])
+                at, need = at + take, need - take
+            yield self._split(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
+def text_loader(tokens: torch.Tensor, context: int, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                steps: Optional[int] = None, drop_last: bool = False) -> TextLoader:
+    """A :class:`TextLoader` over ``tokens`` (1-D token ids): ``(x, y)`` batches of
+    ``context`` positions, ``y`` shifted by one, deterministic for a given ``seed``.
+
+    Raises:
+        ValueError: ``tokens`` hold fewer than ``context + 1`` ids, or a size is
+            not a positive integer.
+    """
+    return TextLoader(tokens, context, batch_size, shuffle=shuffle, seed=seed, steps=steps, drop_last=drop_last)
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """A character-level corpus split into training and validation token ids.
+
+    Attributes:
+        train, val: int64 1-D tensors of token ids; ``val`` follows ``train`` in
+            the text read.
+        vocab: the characters of the training text, sorted; token id ``i`` is
+            ``vocab[i]``, and id ``len(vocab)`` (:attr:`unknown_id`) stands for
+            any validation character the training text lacks.
+        context: the window length the corpus was checked for (and the default
+            of :meth:`loader`).
+        source: the folder read (by default the standard library of the Python that
+            ran, which fixes the text: it differs between Python versions).
+        files: how many files were read (the last one possibly in part).
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    vocab: List[str]
+    context: int
+    source: Path
+    files: int
+
+    @property
+    def unknown_id(self) -> int:
+        """The id of characters that are not in :attr:`vocab`: ``len(vocab)``."""
+        return len(self.vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids a model must embed and predict: the characters plus the unknown id."""
+        return len(self.vocab) + 1
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` as int64 token ids, unknown characters as :attr:`unknown_id`."""
+        return _encode(text, np.array([ord(c) for c in self.vocab], dtype=np.int64), self.unknown_id)
+
+    def decode(self, ids) -> str:
+        """Token ids back to text; the unknown id becomes U+FFFD."""
+        table = self.vocab + ["\ufffd"]
+        return "".join(table[int(i)] for i in torch.as_tensor(ids).reshape(-1))
+
+    def loader(self, split: str = "train", batch_size: int = 32, *, context: Optional[int] = None,
+               shuffle: Optional[bool] = None, seed: int = 0, steps: Optional[int] = None,
+               drop_last: bool = False) -> TextLoader:
+        """:func:`text_loader` over ``split`` (``"train"`` or ``"val"``) with this
+        corpus's ``context`` unless given; ``shuffle`` defaults to True for train
+        and False for val, as with :func:`make_loaders`."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        tokens = self.train if split == "train" else self.val
+        return text_loader(tokens, self.context if context is None else context, batch_size,
+                           shuffle=(split == "train") if shuffle is None else shuffle, seed=seed, steps=steps,
+                           drop_last=drop_last)
+
+
+def _code_points(text: str) -> np.ndarray:
+    """The characters of ``text`` as an array of code points (one entry each)."""
+    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4").astype(np.int64)
+
+
+def _encode(text: str, codes: np.ndarray, unknown: int) -> torch.Tensor:
+    """Token ids of ``text`` for the sorted code points ``codes``; absent ones -> ``unknown``."""
+    points = _code_points(text)
+    if len(codes) == 0:
+        return torch.full((len(points),), unknown, dtype=torch.int64)
+    ids = np.searchsorted(codes, points)
+    known = (ids < len(codes)) & (codes[np.minimum(ids, len(codes) - 1)] == points)
+    return torch.from_numpy(np.where(known, ids, unknown).astype(np.int64))
+
+
+def _read_python_sources(root: Path, max_chars: int) -> Tuple[str, int]:
+    """The top-level ``*.py`` files of ``root`` in name order, each followed by a
+    newline, cut at ``max_chars`` characters; and the number of files read."""
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"Python corpus folder {root} {what}")
+    paths = sorted((p for p in root.glob("*.py") if p.is_file()), key=lambda p: p.name)
+    if not paths:
+        raise FileNotFoundError(f"Python corpus folder {root} holds no .py files")
+    parts: List[str] = []
+    total = 0
+    for path in paths:
+        # Bytes decoded here rather than read_text: no newline translation and no
+        # locale, and errors="replace" turns a stray non-UTF-8 byte into U+FFFD
+        # the same way on every machine.
+        text = path.read_bytes().decode("utf-8", errors="replace") + "\n"
+        parts.append(text[:max_chars - total])
+        total += len(parts[-1])
+        if total >= max_chars:
+            break
+    return "".join(parts), len(parts)
+
+
+def load_python_corpus(*, max_chars: int = 2_000_000, val_fraction: float = 0.1, context: int = 128,
+                       root: Optional[PathLike] = None) -> TextSplits:
+    """Character-level corpus from Python source files: by default the running
+    interpreter's standard library, which every machine with Python has, so
+    language-model tests and benchmarks need no download.
+
+    The top-level ``*.py`` files of ``root`` (not its subfolders, so neither
+    ``site-packages`` nor the test suite) are read in name order as UTF-8 (bytes
+    that are not UTF-8 become U+FFFD), each followed by a newline, and the text is
+    cut at ``max_chars`` characters. The corpus depends on the Python version,
+    whose standard library differs; ``source`` in the result names the folder.
+
+    The split is by position, at a character: the first ``1 - val_fraction`` of
+    the text (rounded to a character) is the training text, the rest the
+    validation text. A character cut rather than a file boundary, so that the
+    split sizes follow ``val_fraction`` however long the files are (the
+    standard library's range from a hundred characters to over 200,000); the
+    validation text is then the end of one file and the files after it, code
+    the model has not seen. Token ids: the sorted characters of the training
+    text, plus one unknown id (``len(vocab)``) for validation characters
+    outside them.
+
+    Args:
+        max_chars: characters to read at most (the files are read in order until
+            there are that many).
+        val_fraction: the share of the text held out for validation, in [0, 1);
+            0 leaves ``val`` empty.
+        context: the window length the corpus must provide one window of (in
+            both splits), and the default of :meth:`TextSplits.loader`.
+        root: the folder to read; default ``sysconfig.get_paths()["stdlib"]``.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist, is not a folder, or holds no
+            ``.py`` file.
+        ValueError: ``max_chars``, ``val_fraction`` or ``context`` is out of range,
+            or a split is too short for one window of ``context + 1`` characters.
+    """
+    max_chars = _positive_int(max_chars, "max_chars")
+    context = _positive_int(context, "context")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be a fraction in [0, 1), got {val_fraction!r}")
+    source = Path(sysconfig.get_paths()["stdlib"] if root is None else root).expanduser()
+    text, files = _read_python_sources(source, max_chars)
+    n_val = int(round(val_fraction * len(text)))
+    train_text, val_text = text[:len(text) - n_val], text[len(text) - n_val:]
+    for name, part in (("training", train_text), ("validation", val_text)):
+        if len(part) < context + 1 and (name == "training" or val_fraction > 0):
+            raise ValueError(
+                f"{source}: {len(text)} characters from {files} files leave {len(part)} {name} characters, too few "
+                f"for one window of context + 1 = {context + 1}; raise max_chars, or lower context or val_fraction")
+    codes = np.unique(_code_points(train_text))
+    vocab = [chr(c) for c in codes]
+    return TextSplits(train=_encode(train_text, codes, len(vocab)), val=_encode(val_text, codes, len(vocab)),
+                      vocab=vocab, context=context, source=source, files=files)

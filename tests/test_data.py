@@ -1,6 +1,9 @@
-"""pyprune_ext.data: IDX reading and validation, dataset discovery, splits, loaders."""
+"""pyprune_ext.data: IDX reading and validation, dataset discovery, splits, loaders, and the
+character corpus of Python sources with its window loader."""
 
 import gzip
+import math
+import re
 import struct
 from pathlib import Path
 
@@ -408,3 +411,169 @@ def test_eval_loaders_keep_order_and_shapes(tmp_path):
     assert sum(len(y) for _, y in loaders.val) == 10
     with pytest.raises(ValueError, match="batch_size"):
         data.make_loader(splits.train, 0)
+
+
+# ------------------------------------------------------------------------- text corpus
+
+# Three top-level sources (written out of name order), plus what must be skipped:
+# a subfolder's .py file and a file of another kind.
+SOURCES = {
+    "b_second.py": "def f(x):\n    return x + 1\n" * 6,
+    "a_first.py": "import os\nprint(os.sep)\n" * 6,
+    "c_third.py": "value = [1, 2, 3]\n" * 8 + "# the end: Zebra Quux\n",
+}
+SOURCE_TEXT = "".join(SOURCES[name] + "\n" for name in sorted(SOURCES))
+
+
+def make_source_dir(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in SOURCES.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    (directory / "sub").mkdir()
+    (directory / "sub" / "nested.py").write_text("NESTED = True\n")
+    (directory / "notes.txt").write_text("not python\n")
+    return directory
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return make_source_dir(tmp_path / "src")
+
+
+def test_python_corpus_reads_top_level_files_in_name_order(sources):
+    corpus = data.load_python_corpus(root=sources, val_fraction=0.2, context=8)
+    assert corpus.source == sources and corpus.files == 3 and corpus.context == 8
+    assert corpus.train.dtype == corpus.val.dtype == torch.int64 and corpus.train.dim() == 1
+    text = corpus.decode(corpus.train) + corpus.decode(corpus.val)
+    known = set(corpus.vocab)
+    assert text == "".join(c if c in known else "\ufffd" for c in SOURCE_TEXT)
+    assert "NESTED" not in text and "not python" not in text
+
+
+def test_python_corpus_split_sizes_and_vocabulary(sources):
+    n = len(SOURCE_TEXT)
+    corpus = data.load_python_corpus(root=sources, val_fraction=0.25, context=8)
+    assert len(corpus.val) == round(0.25 * n) and len(corpus.train) + len(corpus.val) == n
+    train_text = SOURCE_TEXT[:len(corpus.train)]
+    assert corpus.vocab == sorted(set(train_text))
+    assert corpus.unknown_id == len(corpus.vocab) and corpus.vocab_size == len(corpus.vocab) + 1
+    assert torch.equal(corpus.train, torch.tensor([corpus.vocab.index(c) for c in train_text]))
+    # c_third.py's capitals sit in the validation text only: they get the unknown id
+    val_text = SOURCE_TEXT[len(corpus.train):]
+    unseen = [i for i, c in enumerate(val_text) if c not in corpus.vocab]
+    assert {val_text[i] for i in unseen} >= {"Z", "Q"}
+    assert torch.equal((corpus.val == corpus.unknown_id).nonzero().flatten(), torch.tensor(unseen))
+    assert corpus.train.max() < corpus.unknown_id
+    assert torch.equal(corpus.encode(val_text), corpus.val)
+    assert data.load_python_corpus(root=sources, val_fraction=0.0, context=8).val.numel() == 0
+
+
+def test_python_corpus_max_chars_cuts_the_text(sources):
+    first = len(SOURCES["a_first.py"]) + 1
+    corpus = data.load_python_corpus(root=sources, max_chars=first + 30, val_fraction=0.1, context=8)
+    assert corpus.files == 2 and len(corpus.train) + len(corpus.val) == first + 30
+    assert corpus.decode(corpus.train).startswith(SOURCES["a_first.py"] + "\ndef f(x)")
+
+
+def test_python_corpus_is_deterministic_and_replaces_bad_bytes(sources):
+    (sources / "d_bytes.py").write_bytes(b"x = '\xff\xfe'\n" * 20)
+    a = data.load_python_corpus(root=sources, val_fraction=0.1, context=8)
+    b = data.load_python_corpus(root=sources, val_fraction=0.1, context=8)
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val) and a.vocab == b.vocab
+    assert "\ufffd" in a.vocab  # undecodable bytes become U+FFFD (here in the training text)
+
+
+def test_text_loader_windows_shift_by_one(sources):
+    corpus = data.load_python_corpus(root=sources, val_fraction=0.2, context=8)
+    loader = corpus.loader("val", batch_size=4)  # not shuffled by default: windows in order from 0
+    windows = (len(corpus.val) - 1) // 8
+    assert len(loader) == math.ceil(windows / 4)
+    batches = list(loader)
+    x, y = batches[0]
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
+    assert torch.equal(x[1], corpus.val[8:16]) and torch.equal(y[1], corpus.val[9:17])
+    assert sum(len(bx) for bx, _ in batches) == windows
+    assert len(data.text_loader(corpus.val, 8, 4, drop_last=True)) == windows // 4
+
+    # token i is i: a row's first token is where its window starts
+    tokens = torch.arange(203)
+    offsets = set()
+    for seed in range(8):
+        shuffled = list(data.text_loader(tokens, 8, 5, shuffle=True, seed=seed))
+        xs, ys = torch.cat([b[0] for b in shuffled]), torch.cat([b[1] for b in shuffled])
+        starts = xs[:, 0]
+        assert len(xs) == 202 // 8 and torch.equal(xs, starts[:, None] + torch.arange(8))
+        assert torch.equal(ys, xs + 1)
+        offset = int(starts.min())
+        assert torch.equal(starts.sort().values, offset + 8 * torch.arange(len(xs)))  # no overlap, no gap
+        assert not torch.equal(starts, starts.sort().values)  # visited in a random order
+        offsets.add(offset)
+    assert offsets == {0, 1, 2}  # the cuts move within the 2 tokens left over
+
+
+def test_text_loader_is_deterministic_per_seed(sources):
+    tokens = data.load_python_corpus(root=sources, val_fraction=0.1, context=8).train
+
+    def run(seed, passes=2):
+        loader = data.text_loader(tokens, 8, 4, shuffle=True, seed=seed)
+        return [x.tolist() for _ in range(passes) for x, _ in loader]
+
+    torch.manual_seed(1)
+    first = run(0)
+    torch.manual_seed(2)  # the global RNG must not matter
+    assert run(0) == first and run(1) != first
+    half = len(first) // 2
+    assert first[:half] != first[half:], "each pass draws a new order"
+
+    steps = data.text_loader(tokens, 8, 7, shuffle=True, seed=0, steps=25)
+    batches = [x for x, _ in steps]
+    assert len(steps) == len(batches) == 25 and all(x.shape == (7, 8) for x in batches)
+    assert 25 * 7 > (len(tokens) - 1) // 8  # it spans several passes
+    again = [x for x, _ in data.text_loader(tokens, 8, 7, shuffle=True, seed=0, steps=25)]
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_python_corpus_errors(tmp_path, sources):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing} does not exist")):
+        data.load_python_corpus(root=missing)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        data.load_python_corpus(root=sources / "a_first.py")
+    empty = tmp_path / "empty"
+    (empty / "pkg").mkdir(parents=True)
+    (empty / "pkg" / "mod.py").write_text("x = 1\n" * 100)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{empty} holds no .py files")):
+        data.load_python_corpus(root=empty)
+    for kwargs, name in [({"max_chars": 0}, "max_chars"), ({"max_chars": 2.5}, "max_chars"),
+                         ({"max_chars": True}, "max_chars"), ({"context": 0}, "context"),
+                         ({"val_fraction": 1.0}, "val_fraction"), ({"val_fraction": -0.1}, "val_fraction"),
+                         ({"val_fraction": "0.1"}, "val_fraction")]:
+        with pytest.raises(ValueError, match=name):
+            data.load_python_corpus(root=sources, **kwargs)
+    with pytest.raises(ValueError, match="leave 54 training characters, too few for one window of context"):
+        data.load_python_corpus(root=sources, max_chars=60, val_fraction=0.1, context=64)
+    with pytest.raises(ValueError, match="validation characters, too few"):
+        data.load_python_corpus(root=sources, val_fraction=0.01, context=64)
+    tokens = torch.arange(8)
+    with pytest.raises(ValueError, match="8 tokens are too few for one window: context=8 needs 9"):
+        data.text_loader(tokens, 8, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        data.text_loader(tokens, 4, 0)
+    with pytest.raises(ValueError, match="1-D integer"):
+        data.text_loader(tokens.float(), 4, 2)
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_python_corpus(root=sources, context=8).loader("test")
+
+
+def test_python_corpus_from_the_standard_library():
+    import sysconfig
+    corpus = data.load_python_corpus(max_chars=20_000, context=64)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert corpus.source == stdlib and corpus.files >= 1
+    assert len(corpus.train) == 18_000 and len(corpus.val) == 2_000
+    first = min((p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: p.name)
+    expected = first.read_bytes().decode("utf-8", errors="replace")[:1000]
+    assert corpus.decode(corpus.train[:len(expected)]) == expected
+    assert len(corpus.vocab) > 50  # letters, digits, punctuation, whitespace
+    x, y = next(iter(corpus.loader("train", 8, steps=1)))
+    assert x.shape == y.shape == (8, 64) and torch.equal(x[:, 1:], y[:, :-1])
