@@ -19,6 +19,10 @@ images), :func:`mlp`, :class:`TransformerMLPBlock` (a pre-norm transformer MLP b
 :func:`vit` (a small Vision Transformer)
 and, when torchvision is installed, :func:`resnet18`.
 
+For language: :class:`CharGPT` / :func:`char_gpt`, a small character-level GPT whose
+hand-written attention lets structured pruning remove whole heads. It takes token
+ids, not images, so it is not in :data:`MODELS`.
+
 LeNet, Conv-N and :func:`mlp` use the paper's Gaussian Glorot initialisation
 (``xavier_normal_``, zero biases); the BatchNorm nets use He (Kaiming) normal
 initialisation as their own papers do. Factories do not seed: call
@@ -35,18 +39,24 @@ from collections import OrderedDict
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
+import torch.fx
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = [
     "MODELS",
     "BasicBlock",
+    "CausalSelfAttention",
+    "CharGPT",
     "CifarResNet",
     "ConvNet",
+    "GPTBlock",
     "TransformerMLPBlock",
     "ViT",
     "ViTBlock",
     "vit",
     "build_model",
+    "char_gpt",
     "conv2",
     "conv4",
     "conv6",
@@ -355,6 +365,142 @@ def vit(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -> ViT:
     """:class:`ViT` with 4 blocks of 4 heads (width 64, MLP 128) on 4 x 4 patches of a
     quarter of the image side each (7x7 pixels on 28x28, 2x2 on 8x8 digits)."""
     return ViT(input_shape, num_classes)
+
+
+# ----------------------------------------------------------------------- character GPT
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head self-attention written out so that structured pruning can
+    follow its heads.
+
+    ``q``, ``k``, ``v`` and ``out`` are separate ``nn.Linear(dim, dim)`` layers, and
+    the projections are split into heads with ``view(B, L, -1, head_dim)``: the
+    head count is never written down, so when a pruner removes whole heads (a
+    head's rows of q, k, v and its columns of ``out``) the same code runs on the
+    smaller layers. :attr:`num_heads` is read from ``q`` for the same reason.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim < 1 or heads < 1 or dim % heads:
+            raise ValueError(f"CausalSelfAttention: dim must be a positive multiple of heads, got dim={dim}, "
+                             f"heads={heads}")
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    @property
+    def num_heads(self) -> int:
+        """Heads now present: ``q.out_features // head_dim`` (stays right after pruning)."""
+        return self.q.out_features // self.head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm decoder block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))`` (GELU)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@torch.fx.wrap
+def _check_token_ids(idx: Tensor, context: int) -> Tensor:
+    """Refuses what an embedding lookup would take badly: floats (they are not token
+    ids), other than (batch, length) shapes, and sequences longer than the position
+    embedding. ``torch.fx.wrap`` keeps it one call in a symbolic trace, so the
+    graph analysis traces CharGPT with torch.fx while the checks still run."""
+    if not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex \
+            or idx.dtype == torch.bool:
+        what = f"a {idx.dtype} tensor" if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(f"CharGPT expects integer token ids, got {what}")
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"CharGPT expects token ids shaped (batch, length) with length >= 1, got shape "
+                         f"{tuple(idx.shape)}")
+    if idx.shape[1] > context:
+        raise ValueError(f"CharGPT: sequence length {idx.shape[1]} exceeds the context of {context} positions")
+    return idx.long()
+
+
+class CharGPT(nn.Module):
+    """A small character-level GPT (decoder-only transformer) for language-model
+    pruning experiments on a CPU.
+
+    Token embedding ``tok``, learned position embedding ``pos`` (``(1, context,
+    dim)``, sliced to the input length), ``depth`` pre-norm blocks (:class:`GPTBlock`)
+    in ``blocks``, a final LayerNorm ``norm`` and an untied ``lm_head`` (no bias):
+    untied so that the embedding and the head are two ordinary layers, each with
+    its own weights to score and shrink.
+
+    The graph analysis (:func:`pyprune_ext.graph.dependency_groups`) traces it
+    with torch.fx and finds each block's attention heads
+    (:class:`CausalSelfAttention`) and MLP neurons as prunable groups. The
+    residual width is not prunable: ``pos`` is sliced before it is added, and the
+    analysis follows a parameter only when an element-wise op reads it whole.
+
+    GPT-2 initialisation: weights of Linear and Embedding layers and ``pos`` are
+    normal with std 0.02, biases zero, and the two projections that write into the
+    residual stream (``attn.out``, ``mlp[2]``) get std ``0.02 / sqrt(2 * depth)``
+    so that the stream's variance does not grow with depth. Nothing is seeded.
+
+    ``forward(idx)``: integer token ids ``(B, L)`` with ``L <= context`` ->
+    logits ``(B, L, vocab_size)``; position ``t`` sees tokens ``0..t`` only.
+    """
+
+    def __init__(self, vocab_size: int, context: int = 128, dim: int = 128, depth: int = 4, heads: int = 4,
+                 hidden: int = 512):
+        super().__init__()
+        sizes = dict(vocab_size=vocab_size, context=context, dim=dim, depth=depth, heads=heads, hidden=hidden)
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"CharGPT: sizes must be positive integers, got {', '.join(bad)}")
+        if dim % heads:
+            raise ValueError(f"CharGPT: dim={dim} is not a multiple of heads={heads}")
+        self.vocab_size, self.context = vocab_size, context
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(1, context, dim))
+        self.blocks = nn.Sequential(*(GPTBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.pos, std=0.02)
+        for block in self.blocks:
+            for layer in (block.attn.out, block.mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * depth))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        idx = _check_token_ids(idx, self.context)
+        x = self.tok(idx) + self.pos[:, :idx.shape[1]]
+        return self.lm_head(self.norm(self.blocks(x)))
+
+
+def char_gpt(vocab_size: int, context: int = 128) -> CharGPT:
+    """:class:`CharGPT` with 4 blocks of 4 heads, width 128, MLP 512 (about 0.8M
+    parameters plus ``2 * 128 * vocab_size`` for the embedding and the head)."""
+    return CharGPT(vocab_size, context)
 
 
 # -------------------------------------------------------------------------- torchvision

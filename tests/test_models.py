@@ -1,5 +1,5 @@
 """pyprune_ext.models: shapes, gradients, parameter counts, initialisation, registry,
-and one short real training run."""
+one short real training run, and the character GPT."""
 
 import math
 
@@ -193,3 +193,110 @@ def test_lenet300_learns_digits(digits):
     after = accuracy(model, digits.test)
     assert before < 0.3
     assert after > 0.9, f"test accuracy {after:.3f} after 8 epochs"
+
+
+# ----------------------------------------------------------------------- character GPT
+
+def tiny_gpt(vocab=11, context=16, **sizes):
+    sizes = {"dim": 32, "depth": 2, "heads": 4, "hidden": 64, **sizes}
+    return models.CharGPT(vocab, context, **sizes)
+
+
+def test_char_gpt_output_shape_and_sizes():
+    torch.manual_seed(0)
+    model = models.char_gpt(11, context=16)
+    assert isinstance(model, models.CharGPT) and "char_gpt" not in MODELS
+    assert model(torch.randint(0, 11, (3, 16))).shape == (3, 16, 11)
+    assert model(torch.randint(0, 11, (2, 5))).shape == (2, 5, 11)  # shorter than the context
+    assert model(torch.randint(0, 11, (2, 5), dtype=torch.int32)).shape == (2, 5, 11)
+    assert model.tok.weight.shape == (11, 128) and model.pos.shape == (1, 16, 128)
+    assert model.lm_head.bias is None and model.lm_head.weight.data_ptr() != model.tok.weight.data_ptr()
+    block = model.blocks[0]
+    assert [type(m) for m in block.mlp] == [nn.Linear, nn.GELU, nn.Linear] and block.mlp[0].out_features == 512
+    assert [getattr(block.attn, n).weight.shape for n in ("q", "k", "v", "out")] == [(128, 128)] * 4
+    assert len(model.blocks) == 4 and block.attn.num_heads == 4 and block.attn.head_dim == 32
+
+
+def test_char_gpt_is_causal():
+    torch.manual_seed(0)
+    model = tiny_gpt().eval()
+    idx = torch.randint(0, 11, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 11
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert (a[:, 9:] - b[:, 9:]).abs().amax() > 1e-4  # the changed token and those after it see it
+
+
+def test_char_gpt_attention_matches_a_reference():
+    torch.manual_seed(0)
+    attn = models.CausalSelfAttention(16, 4)
+    x = torch.randn(2, 5, 16)
+    heads = [t.view(2, 5, 4, 4).transpose(1, 2) for t in (attn.q(x), attn.k(x), attn.v(x))]
+    scores = heads[0] @ heads[1].transpose(-2, -1) / 2.0  # sqrt(head_dim)
+    scores = scores.masked_fill(~torch.tril(torch.ones(5, 5, dtype=torch.bool)), float("-inf"))
+    reference = attn.out((scores.softmax(-1) @ heads[2]).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(attn(x), reference)
+
+
+def test_char_gpt_refuses_bad_input():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="integer token ids, got a torch.float32"):
+        model(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="integer token ids, got a torch.bool"):
+        model(torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="integer token ids, got list"):
+        model([[1, 2]])
+    with pytest.raises(ValueError, match="sequence length 17 exceeds the context of 16"):
+        model(torch.zeros(2, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(batch, length\).*got shape \(4,\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="not a multiple of heads"):
+        models.CharGPT(11, dim=30, heads=4)
+    with pytest.raises(ValueError, match="vocab_size=0"):
+        models.CharGPT(0)
+    with pytest.raises(ValueError, match="positive multiple of heads"):
+        models.CausalSelfAttention(10, 3)
+
+
+def test_char_gpt_num_heads_follows_pruning():
+    """The head count is read from the layers, so removing a head (the graph analysis
+    finds q/k/v rows and out columns in units of head_dim) leaves a working model."""
+    import warnings
+    from pyprune_ext.graph import GraphAnalysisWarning, dependency_groups, remove_channels
+    torch.manual_seed(0)
+    model = tiny_gpt().eval()
+    idx = torch.randint(0, 11, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphAnalysisWarning)  # torch.fx traces it, no fallback
+        groups = dependency_groups(model, idx)
+    heads = [i for i, g in enumerate(groups) if any(m.name == "blocks.0.attn.q" and m.role == "out"
+                                                     for m in g.members)]
+    (i,) = heads
+    assert groups[i].prunable and groups[i].size == 4
+    assert {m.name.rsplit(".", 1)[1]: m.span for m in groups[i].members} == {"q": 8, "k": 8, "v": 8, "out": 8}
+    remove_channels(model, groups, {i: torch.tensor([0, 2, 3])})
+    attn = model.blocks[0].attn
+    assert attn.q.out_features == attn.k.out_features == attn.v.out_features == attn.out.in_features == 24
+    assert attn.num_heads == 3 and attn.head_dim == 8 and model.blocks[1].attn.num_heads == 4
+    assert model(idx).shape == (2, 16, 11)
+
+
+def test_char_gpt_learns_a_repeated_string():
+    torch.manual_seed(0)
+    text = "hello, pruned world! " * 8
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text])
+    x, y = ids[:-1].unfold(0, 16, 16), ids[1:].unfold(0, 16, 16)
+    model = tiny_gpt(vocab=len(chars), depth=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(len(chars)), abs=0.3)  # an untrained model guesses uniformly
+    assert losses[-1] < 0.5 * losses[0], losses[::8]
