@@ -442,20 +442,21 @@ class CharGPT(nn.Module):
     """A small character-level GPT (decoder-only transformer) for language-model
     pruning experiments on a CPU.
 
-    Token embedding ``tok``, learned position embedding ``pos`` (``(1, context,
-    dim)``, sliced to the input length), ``depth`` pre-norm blocks (:class:`GPTBlock`)
+    Token embedding ``tok``, learned position embedding ``pos`` (an
+    ``nn.Embedding`` of ``context`` positions, as GPT-2's ``wpe``), ``depth``
+    pre-norm blocks (:class:`GPTBlock`)
     in ``blocks``, a final LayerNorm ``norm`` and an untied ``lm_head`` (no bias):
     untied so that the embedding and the head are two ordinary layers, each with
     its own weights to score and shrink.
 
     The graph analysis (:func:`pyprune_ext.graph.dependency_groups`) traces it
     with torch.fx and finds each block's attention heads
-    (:class:`CausalSelfAttention`) and MLP neurons as prunable groups. The
-    residual width is not prunable: ``pos`` is sliced before it is added, and the
-    analysis follows a parameter only when an element-wise op reads it whole.
+    (:class:`CausalSelfAttention`) and MLP neurons as prunable groups, and the
+    residual width (both embeddings' columns, every norm and projection on the
+    stream). Positions are an embedding layer rather than a sliced parameter so
+    that they are a layer the analysis knows how to shrink.
 
-    GPT-2 initialisation: weights of Linear and Embedding layers and ``pos`` are
-    normal with std 0.02, biases zero, and the two projections that write into the
+    GPT-2 initialisation: weights of Linear and Embedding layers are normal with std 0.02, biases zero, and the two projections that write into the
     residual stream (``attn.out``, ``mlp[2]``) get std ``0.02 / sqrt(2 * depth)``
     so that the stream's variance does not grow with depth. Nothing is seeded.
 
@@ -474,7 +475,7 @@ class CharGPT(nn.Module):
             raise ValueError(f"CharGPT: dim={dim} is not a multiple of heads={heads}")
         self.vocab_size, self.context = vocab_size, context
         self.tok = nn.Embedding(vocab_size, dim)
-        self.pos = nn.Parameter(torch.zeros(1, context, dim))
+        self.pos = nn.Embedding(context, dim)
         self.blocks = nn.Sequential(*(GPTBlock(dim, heads, hidden) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
@@ -486,14 +487,14 @@ class CharGPT(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.pos, std=0.02)
         for block in self.blocks:
             for layer in (block.attn.out, block.mlp[2]):
                 nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * depth))
 
     def forward(self, idx: Tensor) -> Tensor:
         idx = _check_token_ids(idx, self.context)
-        x = self.tok(idx) + self.pos[:, :idx.shape[1]]
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(positions)
         return self.lm_head(self.norm(self.blocks(x)))
 
 

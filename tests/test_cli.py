@@ -165,9 +165,10 @@ def test_taylor_vit_loses_heads_and_neurons_and_exports(tmp_path):
     the per-layer table shows both, and the export loads with plain torch."""
     result = json.loads(ok(pyprune("taylor", "--model", "vit", "--epochs", 1, "--finetune-epochs", 0, "--every", 2,
                                    "--criterion", "fo_gate", "--channels", 40, "--prune-per-step", 8, "--quiet",
-                                   "--json", "--export", tmp_path / "vit.pt", "--out", tmp_path / "run",
+                                   "--normalize", "macs", "--json", "--export", tmp_path / "vit.pt", "--out", tmp_path / "run",
                                    cwd=tmp_path)).stdout)
     layers = {l["name"]: l for l in result["layers"]}
+    assert result["options"]["normalize"] == "macs"
     assert layers["blocks.0.attn"]["out_before"] == 64 and layers["blocks.0.attn.out_proj"]["in_before"] == 64
     assert all(layers[f"blocks.{i}.attn"]["out_after"] == layers[f"blocks.{i}.attn.out_proj"]["in_after"]
                and layers[f"blocks.{i}.attn"]["out_after"] % 16 == 0 for i in range(4))  # whole heads

@@ -94,6 +94,7 @@ BAD_OPTIONS = [
     (["taylor", "--every", str(2**64)], ["--every"]),
     (["lottery", "--rate", "nan"], ["--rate"]),
     (["lottery", "--nproc", str(10**30)], ["--nproc"]),
+    (["taylor", "--normalize", "flops"], ["--normalize", "'macs'"]),
 ]
 
 

@@ -209,7 +209,7 @@ def test_char_gpt_output_shape_and_sizes():
     assert model(torch.randint(0, 11, (3, 16))).shape == (3, 16, 11)
     assert model(torch.randint(0, 11, (2, 5))).shape == (2, 5, 11)  # shorter than the context
     assert model(torch.randint(0, 11, (2, 5), dtype=torch.int32)).shape == (2, 5, 11)
-    assert model.tok.weight.shape == (11, 128) and model.pos.shape == (1, 16, 128)
+    assert model.tok.weight.shape == (11, 128) and model.pos.weight.shape == (16, 128)
     assert model.lm_head.bias is None and model.lm_head.weight.data_ptr() != model.tok.weight.data_ptr()
     block = model.blocks[0]
     assert [type(m) for m in block.mlp] == [nn.Linear, nn.GELU, nn.Linear] and block.mlp[0].out_features == 512
@@ -281,6 +281,35 @@ def test_char_gpt_num_heads_follows_pruning():
     assert attn.q.out_features == attn.k.out_features == attn.v.out_features == attn.out.in_features == 24
     assert attn.num_heads == 3 and attn.head_dim == 8 and model.blocks[1].attn.num_heads == 4
     assert model(idx).shape == (2, 16, 11)
+
+
+def test_char_gpt_taylor_prunes_heads_neurons_and_width_and_removal_equals_masking():
+    """TaylorPruner ranks heads, MLP neurons and the residual width (both embeddings,
+    every norm and projection on the stream) per MAC; the finalized model computes
+    what the masked one did, and its counts drop as reported."""
+    from pruning_loop import finalize_and_compare, train_until_done
+    from pyprune_ext.cost import count_cost
+    from pyprune_ext.taylor import Target, TaylorPruner
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    idx = torch.randint(0, 11, (4, 16))
+    share = {"attn": 0.25, "mlp": 0.3, "residual": 0.25}
+    pruner = TaylorPruner(model, idx[:2], "fo_gate", target=Target.flops(0.6), every=1, prune_per_step=6,
+                          normalize="macs", max_fraction=lambda g: next(v for k, v in share.items() if k in g.name))
+
+    def loss_of(m):
+        logits = m(idx[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 11), idx[:, 1:].reshape(-1))
+
+    train_until_done(pruner, model, loss_of)
+    small, diff = finalize_and_compare(pruner, model, lambda m: m(idx))
+    assert diff <= 1e-4
+    assert small.tok.embedding_dim == small.pos.embedding_dim == small.norm.normalized_shape[0] < 32
+    assert any(b.attn.num_heads < 4 for b in small.blocks) and any(b.mlp[0].out_features < 64 for b in small.blocks)
+    after = count_cost(small, (idx[:2],))
+    report = pruner.report()
+    assert report.macs_after == after.total_macs <= 0.6 * report.macs_before
+    assert report.params_after == after.total_params
 
 
 def test_char_gpt_learns_a_repeated_string():

@@ -85,6 +85,9 @@ def _taylor_parser(sub, shared) -> None:
     g.add_argument("--prune-per-step", type=POSITIVE_INT, help="channels per step (default 2%% of them)")
     g.add_argument("--scope", choices=("global", "local"), default="global", help="ranking (default global)")
     g.add_argument("--round-to", type=POSITIVE_INT, default=1, help="keep channel counts multiples of this")
+    g.add_argument("--normalize", choices=("none", "l2", "macs", "params"), default="none",
+                   help="make scores comparable across groups: each group's L2 norm, or each channel's score per "
+                        "MAC / parameter its removal saves (heads beside MLP neurons; default none)")
     g.add_argument("--finetune-epochs", type=NON_NEGATIVE_INT, default=4, help="after pruning (default 4)")
     g.add_argument("--load", metavar="STATE.pt", help="start from this trained state_dict instead of training")
     g.add_argument("--export", metavar="FILE", type=output_file,

@@ -190,7 +190,8 @@ def run(args, console: Console) -> Dict[str, Any]:
 
     try:
         pruner = TaylorPruner(trainable, example.to(device), args.criterion, target=target, every=args.every,
-                              prune_per_step=args.prune_per_step, scope=args.scope, round_to=args.round_to)
+                              prune_per_step=args.prune_per_step, scope=args.scope, round_to=args.round_to,
+                              normalize=False if args.normalize == "none" else args.normalize)
     except ValueError as err:
         raise UsageError(f"cannot prune this model: {err}") from None
     # A data order of its own for pruning and fine-tuning, so that they go the same
