@@ -94,11 +94,41 @@ def test_heads_and_mlp_neurons_are_groups_and_removal_equals_masking(make, query
     assert [g.size for g in neurons] == [48, 48] and all(g.exact_masking for g in neurons)
 
 
-def test_gpt2_mlp_is_prunable_and_packed_qkv_split_is_refused_by_name():
-    groups = quiet_groups(Output(gpt2()).eval(), tokens())
+def test_gpt2_heads_through_the_packed_split_and_mlp_neurons_removal_equals_masking():
+    """GPT-2 cuts its packed c_attn at self.split_size (declared in pyprune_ext.graph.sizes):
+    each head's q, k and v columns and c_proj rows are one unit, and split_size follows."""
+    torch.manual_seed(0)
+    model = Output(gpt2()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        groups, removed = assert_removed_equals_masked(model, tokens(), expect_groups=4)
+    heads = groups_with(groups, "attn.c_attn")
+    assert [g.size for g in heads] == [4, 4] and all(g.prunable and g.exact_masking for g in heads)
     assert [g.size for g in groups_with(groups, "mlp.c_fc") if g.prunable] == [128, 128]
-    (first, second) = groups_with(groups, "attn.c_attn")
-    assert not first.prunable and "split" in first.reason and "fixed sizes" in first.reason
+    for block in removed.model.transformer.h:
+        attn = block.attn
+        assert attn.num_heads == 3 and attn.split_size == attn.embed_dim == 3 * attn.head_dim
+        assert attn.c_attn.weight.shape == (32, 3 * attn.split_size) and attn.c_proj.weight.shape[0] == attn.split_size
+
+
+def test_taylor_prunes_gpt2_heads_and_neurons():
+    torch.manual_seed(0)
+    model = gpt2()
+    x, labels = tokens(batch=4), tokens(batch=4, seed=1)
+
+    def share(group):  # a quarter of the heads, 30% of the MLP neurons
+        return 0.25 if "attn.c_attn" in group.name else 0.3 if "mlp.c_fc" in group.name else 0.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * (1 + 38)), every=1, prune_per_step=10,
+                              max_fraction=share, normalize="macs")
+    train_until_done(pruner, model, lambda m: lm_loss(m, x, labels))
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x, use_cache=False).logits)
+    assert difference <= 1e-4
+    assert [(b.attn.num_heads, b.mlp.c_fc.weight.shape[1]) for b in small.transformer.h] == [(3, 90), (3, 90)]
+    report = pruner.report()
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
 
 
 @pytest.mark.parametrize("make", [llama, qwen2], ids=["llama", "qwen2"])

@@ -14,7 +14,9 @@ Extension points: ``register_layer(cls, spec)`` tells every part of the
 library what a layer type is (``specs``: its channel axes, how it couples
 channels, how it shrinks, its cost); ``register_op_rule(op, rule)`` tells the
 analysis how an op moves channels (``rules``: a custom ``torch.ops`` op, a
-function, a module class). What is not registered is refused by name.
+function, a module class); ``register_size_attribute(cls, attr, compute,
+child=...)`` declares a size a module holds and cuts a child's output at
+(``sizes``: GPT-2's ``split_size``), kept true after removal. What is not registered is refused by name.
 """
 
 from .groups import dependency_groups
@@ -22,6 +24,7 @@ from .specs import (ROLES, Axis, ChannelwiseSpec, LayerSpec, Role, register_laye
                     spec_for, unregister_layer)
 from .rules import (Binary, Clamp, Concat, ElementWise, Like, Opaque, OpCall, OpRule, Pad, Reduction, Reshape,
                     Select, Softmax, Spatial, Split, register_op_rule, unregister_op_rule)
+from .sizes import SizeAttribute, register_size_attribute, unregister_size_attribute
 from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
 from .surgery import remove_channels, shrink_module, zero_channels, zeroed_entries
 
@@ -53,6 +56,9 @@ __all__ = [
     "spec_for",
     "unregister_layer",
     "zeroed_entries",
+    "SizeAttribute",
+    "register_size_attribute",
+    "unregister_size_attribute",
     "ChannelGroup",
     "Gate",
     "GraphAnalysisWarning",

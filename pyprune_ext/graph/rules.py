@@ -28,6 +28,7 @@ from .analysis import Analyzer
 from .layouts import TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
 from .optable import describe_at, get_arg
 from .recording import VALUE
+from .sizes import declared_split
 
 # shape ops whose arguments are sizes: a size equal to the channel count is hard-coded
 SIZE_TAKING = {"view", "reshape", "expand", "unflatten", "broadcast_to"}
@@ -436,14 +437,26 @@ def _split(an, node, name, swapped, args, kwargs, meta):
         an.elements.block(x.ids, f"{what} takes a fixed part of the channels")
         return result
     sizes = {p.size for p in pieces}
-    if len(sizes) > 1 or _cuts_are_written(node, name) or name not in _SPLITS_BY_COUNT | _SIZED_SPLITS:
+    fixed = _cuts_are_written(node, name) and not (len(sizes) == 1 and name == "split"
+                                                   and _declared_split(an, node, pieces[0].size))
+    if len(sizes) > 1 or fixed or name not in _SPLITS_BY_COUNT | _SIZED_SPLITS:
         an.elements.block(x.ids, f"{what} cuts the channels into pieces of fixed sizes "
                                  f"({', '.join(str(p.size) for p in pieces)}); pruning would move the cuts "
-                                 "(use torch.chunk, or compute the sizes from the tensor's size)")
+                                 "(use torch.chunk, compute the sizes from the tensor's size, or declare the "
+                                 "module attribute holding the size with pyprune_ext.graph.register_size_attribute)")
         return result
     for piece in pieces[1:]:
         an.elements.union_arrays(pieces[0].ids, piece.ids)
     return result
+
+
+def _declared_split(an, node, size: int) -> str | None:
+    """The declared size attribute (``graph.sizes``) a split of a module's output at
+    a written ``size`` reads, e.g. GPT-2's ``attn.split_size``; None if undeclared."""
+    source = node.args[0] if node.args else None
+    if not (isinstance(source, fx.Node) and source.op == "call_module"):
+        return None
+    return declared_split(an.model, source.target, size)
 
 
 def _cuts_are_written(node, name) -> bool:

@@ -10,6 +10,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from .sizes import refresh_sizes
 from .groups import member_length
 from .specs import ROLES, LayerSpec, member_layer, spec_for
 from .structs import ChannelGroup, Member
@@ -217,6 +218,7 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: Mapping[
             continue
         old = model.get_submodule(name)
         _replace(model, old, shrink_module(old, masks))
+    refresh_sizes(model)  # sizes modules hold as attributes (GPT-2's split_size) follow their layers
     return model
 
 
