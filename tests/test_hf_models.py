@@ -16,7 +16,7 @@ from torch.nn import functional as F
 transformers = pytest.importorskip("transformers")
 
 from pyprune_ext import hf  # noqa: E402
-from pyprune_ext.graph import GraphAnalysisWarning, dependency_groups  # noqa: E402
+from pyprune_ext.graph import GraphAnalysisWarning, dependency_groups, remove_channels  # noqa: E402
 from pyprune_ext.taylor import Target, TaylorPruner  # noqa: E402
 
 from test_graph_layers import assert_removed_equals_masked  # noqa: E402
@@ -183,8 +183,49 @@ def test_update_config_refuses_sizes_transformers_rejects_and_keeps_the_config()
 
 
 def test_update_config_refuses_an_unknown_architecture():
-    with pytest.raises(ValueError, match="no layout for model_type 'bert'.*register_architecture"):
-        hf.update_config(bert())
+    model = llama()
+    model.config.model_type = "mystery"
+    with pytest.raises(ValueError, match="no layout for model_type 'mystery'.*register_architecture"):
+        hf.update_config(model)
+
+
+@pytest.mark.parametrize("make, mlp, field", [(bert, "intermediate.dense", "intermediate_size"),
+                                              (gpt2, "mlp.c_fc", "n_inner")], ids=["bert", "gpt2"])
+def test_bert_and_gpt2_configs_round_trip_a_pruned_mlp_and_refuse_pruned_heads(make, mlp, field, tmp_path):
+    """Their configs derive head_dim from hidden_size / num_attention_heads: a pruned MLP is
+    described (uniform), pruned heads are refused by name and the config is left alone."""
+    torch.manual_seed(0)
+    model = make()
+    x = tokens(batch=4)
+    output = (lambda m: m(x, use_cache=False).logits) if make is gpt2 else (lambda m: m(x).last_hidden_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * 10), every=1, prune_per_step=20,
+                              max_fraction=lambda g: 0.3 if mlp in g.name else 0.0, uniform=True)
+    train_until_done(pruner, model, lambda m: output(m).pow(2).mean())
+    small, difference = finalize_and_compare(pruner, model, output)
+    assert difference <= 1e-4
+    sizes = {name: (m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1])
+             for name, m in small.named_modules() if name.endswith(mlp)}
+    new_size = sizes.popitem()[1]
+    assert set(sizes.values()) <= {new_size} and new_size < (48 if make is bert else 128)
+    assert hf.update_config(small)[field][1] == new_size
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(output(reloaded), output(small.eval()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        groups = quiet_groups(small, x)
+    heads = [(i, g) for i, g in enumerate(groups) if g.prunable and g.size == 4 and g.exact_masking
+             and any(("query" in m.name or "c_attn" in m.name) for m in g.members)]
+    assert len(heads) == 2
+    remove_channels(small, groups, {i: torch.tensor([0, 1, 2]) for i, _ in heads})
+    before = dict(small.config.to_dict())
+    with pytest.raises(ValueError, match=f"a {small.config.model_type} config has no head_dim.*torch.save"):
+        hf.update_config(small)
+    assert small.config.to_dict() == before
 
 
 def test_keyword_example_inputs_are_passed_by_keyword():
