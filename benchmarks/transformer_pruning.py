@@ -53,6 +53,9 @@ from pyprune_ext.taylor import Importance, Target, TaylorPruner
 from .taylor_pruning import subset
 
 TAYLOR = ("fo_gate", "fo_fg", "so_fisher")
+# the epoch numbers (data orders) the phases start at: dense training from 0, then pruning (and
+# the control's extra training), then fine-tuning, the same for every criterion
+PRUNING_EPOCHS, FINETUNE_EPOCHS = 100, 200
 DEFAULT_CRITERIA = ("fo_gate/macs", "fo_fg/macs", "so_fisher/macs", "fo_gate", "l2", "l2/macs", "random",
                     "tp_taylor")
 
@@ -120,7 +123,7 @@ class Task:
     title: str
     model: nn.Module                                   # untrained
     example: Tensor                                    # for the analysis and the MAC counts
-    loader: Callable[[], Iterable]                     # the same minibatches in the same order, each call
+    loader: Callable[[int], Iterable]                  # epoch -> its minibatches (the same for every run)
     loss: Callable[[nn.Module, object], Tensor]
     evaluate: Callable[[nn.Module], float]             # the metric on held-out data
     metric: str                                        # "accuracy" (higher is better) or "perplexity"
@@ -134,18 +137,19 @@ class Task:
     finetune_lr: float = 3e-4
 
 
-def fit(model: nn.Module, task: Task, lr: float, *, epochs: int | None = None,
+def fit(model: nn.Module, task: Task, lr: float, *, epochs: int | None = None, first_epoch: int = 0,
         on_step: Callable[[], object] | None = None, until: Callable[[], bool] | None = None,
         device: str = "cpu") -> int:
     """Adam on ``task.loss`` for ``epochs`` epochs, or until ``until()`` holds at an
-    epoch's end. ``on_step`` runs after each backward pass; when it returns True it
-    has replaced parameters (Torch-Pruning) and the optimizer is rebuilt. Returns
-    the epochs trained."""
+    epoch's end; epoch k of the call reads ``task.loader(first_epoch + k)``, so every
+    run that starts at the same epoch sees the same minibatches in the same order.
+    ``on_step`` runs after each backward pass; when it returns True it has replaced
+    parameters (Torch-Pruning) and the optimizer is rebuilt. Returns the epochs trained."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     trained = 0
     while (epochs is None or trained < epochs) and not (until is not None and until()):
         model.train()
-        for batch in task.loader():
+        for batch in task.loader(first_epoch + trained):
             loss = task.loss(model, batch)
             optimizer.zero_grad()
             loss.backward()
@@ -197,7 +201,7 @@ def vit_task(args) -> Task:
     torch.manual_seed(args.seed)
     return Task("vit", f"ViT on Fashion-MNIST ({args.train_examples} training examples, {args.vit_epochs} epochs)",
                 models.vit((1, 28, 28), 10).to(device), torch.zeros(2, 1, 28, 28, device=device),
-                lambda: data.make_loader(train_set, 64, shuffle=True, seed=args.seed), loss,
+                lambda epoch: data.make_loader(train_set, 64, shuffle=True, seed=args.seed * 1000 + epoch), loss,
                 lambda model: _classifier_accuracy(model, test_loader, device), "accuracy", units,
                 lambda batch: torch.randn(batch, 1, 28, 28, device=device), torch_pruning_options, args.vit_epochs,
                 args.every or 30, args.prune_per_step or 12)
@@ -236,9 +240,9 @@ def gpt_task(args) -> Task:
         return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
                 "head_pruning_ratio": args.tp_ratio, "ignored_layers": [model.lm_head]}
 
-    def loader():
-        return data.text_loader(corpus.train, args.context, args.gpt_batch, shuffle=True, seed=args.seed,
-                                steps=args.steps_per_epoch)
+    def loader(epoch):
+        return data.text_loader(corpus.train, args.context, args.gpt_batch, shuffle=True,
+                                seed=args.seed * 1000 + epoch, steps=args.steps_per_epoch)
 
     torch.manual_seed(args.seed)
     model = models.char_gpt(corpus.vocab_size, context=args.context).to(device)
@@ -267,9 +271,10 @@ def prune_ours(model, task, name, normalize, args) -> dict:
     importance = IMPORTANCES.get(name, name)
     pruner = TaylorPruner(model, task.example, importance, target=Target.flops(args.target_flops),
                           every=task.every, prune_per_step=task.prune_per_step, normalize=normalize or False)
-    epochs = fit(model, task, task.lr, on_step=pruner.step, until=lambda: pruner.done, device=args.device)
+    epochs = fit(model, task, task.lr, first_epoch=PRUNING_EPOCHS, on_step=pruner.step, until=lambda: pruner.done,
+                 device=args.device)
     metric_just_pruned = task.evaluate(model)
-    fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, device=args.device)
+    fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, first_epoch=FINETUNE_EPOCHS, device=args.device)
     small = pruner.finalize()
     report = pruner.report()
     return {"model": small, "epochs": epochs, "just_pruned": metric_just_pruned, "steps": report.steps,
@@ -305,9 +310,10 @@ def prune_torch_pruning(model, task, args) -> dict:
         state["done"] = macs <= args.target_flops * before.total_macs or state["steps"] == steps
         return True
 
-    epochs = fit(model, task, task.lr, on_step=step, until=lambda: state["done"], device=args.device)
+    epochs = fit(model, task, task.lr, first_epoch=PRUNING_EPOCHS, on_step=step, until=lambda: state["done"],
+                 device=args.device)
     metric_just_pruned = task.evaluate(model)
-    fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, device=args.device)
+    fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, first_epoch=FINETUNE_EPOCHS, device=args.device)
     after = count_cost(model, (task.example,))
     return {"model": model, "epochs": epochs, "just_pruned": metric_just_pruned, "steps": state["steps"],
             "flops_kept": after.total_macs / before.total_macs, "params_kept": after.total_params / before.total_params,
@@ -359,8 +365,8 @@ def run_task(task: Task, args) -> dict:
     # the control: the dense model trained as long as the longest pruning run, then fine-tuned alike
     control = copy.deepcopy(dense)
     torch.manual_seed(args.seed)
-    fit(control, task, task.lr, epochs=extra_epochs, device=args.device)
-    fit(control, task, task.finetune_lr, epochs=args.finetune_epochs, device=args.device)
+    fit(control, task, task.lr, epochs=extra_epochs, first_epoch=PRUNING_EPOCHS, device=args.device)
+    fit(control, task, task.finetune_lr, epochs=args.finetune_epochs, first_epoch=FINETUNE_EPOCHS, device=args.device)
     control_metric = task.evaluate(control)
     results["dense_control"] = {task.metric: control_metric, "extra_epochs": extra_epochs}
     rows.insert(1, [f"dense, +{extra_epochs}+{args.finetune_epochs} epochs", "100%", "100%", *unit_cells(dense_units),
@@ -388,7 +394,7 @@ def main(argv=None):
     parser.add_argument("--every", type=int, help="minibatches between pruning steps (vit 30, gpt 20)")
     parser.add_argument("--prune-per-step", type=int, help="units removed per step, ours (vit 12, gpt 40)")
     parser.add_argument("--tp-steps", type=int, default=60, help="Torch-Pruning's iterative_steps")
-    parser.add_argument("--tp-ratio", type=float, default=0.9,
+    parser.add_argument("--tp-ratio", type=float, default=0.95,
                         help="Torch-Pruning's pruning_ratio (and head ratio) at its last step; it stops earlier, at "
                              "the MACs target")
     parser.add_argument("--finetune-epochs", type=int, default=3)

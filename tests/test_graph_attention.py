@@ -313,6 +313,27 @@ def test_vit_heads_removed_equal_masked_and_become_pyprune_attention():
     assert attention.in_proj_weight.shape == (3 * attention.num_heads * 8, 32)
 
 
+def test_vit_width_prunes_through_the_class_token_and_the_declared_hidden_dim():
+    """torchvision's ViT: the class token (expanded over the batch, concatenated before the patches)
+    and the position embedding lose the stream's channels, the patch reshape writes hidden_dim
+    (declared in pyprune_ext.graph.sizes and recomputed), the LayerNorms take masked statistics."""
+    torch.manual_seed(0)
+    model, x = small_vit(), torch.randn(4, 3, 32, 32)
+    groups = dependency_groups(model, x)
+    (stream,) = [g for g in groups if g.name.startswith("residual")]
+    assert stream.prunable and stream.exact_with_masked_norms and stream.size == 32
+    assert {(m.name, m.dim) for m in stream.members if m.role == "tensor"} == {
+        ("class_token", 2), ("encoder.pos_embedding", 2)}
+    pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(8), every=1, prune_per_step=4, groups=groups,
+                          max_fraction=lambda g: 0.25 if g.name.startswith("residual") else 0.0)
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x), torch.tensor([0, 1, 2, 3])), lr=0.01)
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x))
+    assert difference <= 1e-4
+    assert small.hidden_dim == small.conv_proj.out_channels == 24
+    assert small.class_token.shape == (1, 1, 24) and small.encoder.pos_embedding.shape[2] == 24
+    assert small(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
 class Encoder(nn.Module):
     """nn.MultiheadAttention, sequence first, with its (head-averaged) weights read or not."""
 
@@ -352,8 +373,11 @@ def test_taylor_prunes_vit_heads_and_neurons_uniformly():
     torch.manual_seed(0)
     model, x = small_vit(), torch.randn(4, 3, 32, 32)
     labels = torch.tensor([0, 1, 2, 3])
+    def share(group):  # a quarter of the heads and 30% of the neurons; the width is the next test's
+        return 0.0 if group.name.startswith("residual") else 0.25 if "self_attention" in group.name else 0.3
+
     pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * (1 + 14)), every=1, prune_per_step=8,
-                          max_fraction=lambda g: 0.25 if "self_attention" in g.name else 0.3, uniform=True)
+                          max_fraction=share, uniform=True)
     assert pruner.converted_attention == ["encoder.layers.encoder_layer_0.self_attention",
                                           "encoder.layers.encoder_layer_1.self_attention"]
     train_until_done(pruner, model, lambda m: F.cross_entropy(m(x), labels), lr=0.01)

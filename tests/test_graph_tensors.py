@@ -97,3 +97,41 @@ def test_tensors_that_cannot_follow_are_refused_by_name(kind, reason):
     (conv,) = [g for g in groups if any(m.name == "conv" and m.role == "out" for m in g.members)]
     assert not conv.prunable
     assert reason in conv.reason
+
+
+class Tokens(nn.Module):
+    """A class token expanded over the batch and concatenated before the tokens, and a
+    position table longer than the sequence, sliced to it (or, misused, sliced along
+    the channels)."""
+
+    def __init__(self, slice_channels=False):
+        super().__init__()
+        self.slice_channels = slice_channels
+        self.embed = nn.Linear(6, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 10, 16 if slice_channels else 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+        pos = self.pos[:, :h.shape[1], :8] if self.slice_channels else self.pos[:, :h.shape[1]]
+        return self.fc(F.relu(h + pos)[:, 0])
+
+
+def embedded(groups):
+    (group,) = [g for g in groups if any(m.name == "embed" and m.role == "out" for m in g.members)]
+    return group
+
+
+def test_expanded_and_sliced_tensors_follow_the_channels():
+    torch.manual_seed(0)
+    groups, removed = assert_removed_equals_masked(Tokens().eval(), torch.randn(2, 5, 6), expect_groups=1)
+    assert {(m.name, m.dim) for m in embedded(groups).members if m.role == "tensor"} == {("cls", 2), ("pos", 2)}
+    assert removed.cls.shape == (1, 1, 6) and removed.pos.shape == (1, 10, 6)
+    assert removed(torch.randn(3, 7, 6)).shape == (3, 3)  # another batch and sequence length
+
+
+def test_a_tensor_sliced_along_the_channels_is_refused_by_name():
+    groups = dependency_groups(Tokens(slice_channels=True).eval(), torch.randn(2, 5, 6))
+    assert not embedded(groups).prunable
+    assert "pos (size 16 on dim 2) is expanded or sliced to the 8 channels" in embedded(groups).reason

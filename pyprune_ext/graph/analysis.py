@@ -28,6 +28,31 @@ from .recording import VALUE
 ELEMENTWISE_BINARY = ADD_LIKE | {"mul", "div"}
 
 
+# ops that pass a tensor attribute on as the same tensor, seen otherwise: a class token expanded
+# over the batch, a position embedding sliced to the sequence (the channels stay on their dim)
+ATTRIBUTE_VIEWS = {"expand", "broadcast_to", "getitem", "contiguous"}
+CONCATENATIONS = {"cat", "concat", "concatenate"}
+
+
+def _basic_slices(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(p, slice) or p is Ellipsis for p in parts)
+
+
+def is_attribute_view(node: fx.Node) -> bool:
+    """Whether ``node`` passes its first input on as a view of the same tensor with
+    its dims in place (``expand`` with -1 or 1, basic slicing, ``contiguous``)."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return False
+    name = canonical(node)[0]
+    if name not in ATTRIBUTE_VIEWS or (name == "getitem" and not _basic_slices(node.args[1])):
+        return False
+    source, out = node.args[0], node.meta.get(VALUE)
+    before = source.meta.get(VALUE) if isinstance(source, fx.Node) else None
+    return (isinstance(before, TensorMeta) and isinstance(out, TensorMeta)
+            and len(before.shape) == len(out.shape))
+
+
 def first_tensor_argument(args):
     return next(iter_layouts(args[:1]), None) if args else None
 
@@ -210,6 +235,12 @@ class Analyzer:
         ids = self.elements.new(x.shape[dim])
         if known != dim:
             self.elements.block(ids, f"{name} meets the channels on dims {known} and {dim}")
+        owner, _, attr = name.rpartition(".")
+        tensor = self.model.get_submodule(owner)._parameters.get(attr)
+        tensor = tensor if tensor is not None else self.model.get_submodule(owner)._buffers.get(attr)
+        if tensor.shape[dim] != x.shape[dim]:  # expanded or sliced along the channels
+            self.elements.block(ids, f"{name} (size {tensor.shape[dim]} on dim {dim}) is expanded or sliced "
+                                     f"to the {x.shape[dim]} channels it meets")
         self.elements.attach(name, "tensor", ids)
         return ids
 
@@ -238,9 +269,26 @@ class Analyzer:
             return f"{name} is shared ({', '.join(aliases)})"
         for node in self.graph.nodes:
             if node.op == "get_attr" and str(node.target) == name:
-                for user in node.users:
-                    if user.op not in ("call_function", "call_method") or canonical(user)[0] not in ELEMENTWISE_BINARY:
-                        return f"{name} is used by {describe(user)} at node '{user.name}', not element-wise"
+                problem = self._attribute_use_problem(name, node)
+                if problem is not None:
+                    return problem
+        return None
+
+    @staticmethod
+    def _attribute_use_problem(name: str, node: fx.Node) -> str | None:
+        """Why a use of the tensor attribute (read at ``node``, directly or through
+        views of it) cannot follow the channels: each must combine it element-wise
+        or concatenate it with the channels on another dim."""
+        for user in node.users:
+            op = canonical(user)[0] if user.op in ("call_function", "call_method") else None
+            if op in ELEMENTWISE_BINARY or op in CONCATENATIONS:
+                continue
+            if op is not None and is_attribute_view(user) and user.args[0] is node:
+                problem = Analyzer._attribute_use_problem(name, user)
+                if problem is not None:
+                    return problem
+                continue
+            return f"{name} is used by {describe(user)} at node '{user.name}', not element-wise"
         return None
 
     def produce(self, name: str, count: int, node: fx.Node, channel_dim: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import fx
 
 from . import optable as T
-from .analysis import Analyzer
+from .analysis import Analyzer, is_attribute_view
 from .layouts import Tracked, Untracked, iter_layouts
 from .recording import VALUE
 from .rules import OpCall, _has_tensor, _setitem, _what, reshape_via_probe, rule_for_name, user_rule_for
@@ -30,6 +30,8 @@ def visit_function(an: Analyzer, node: fx.Node):
         return _setitem(an, node, first, args, meta)  # returns None, but writes into a tensor
     if not _has_tensor(meta):
         return meta
+    if isinstance(first, Untracked) and first.attribute is not None and is_attribute_view(node):
+        return Untracked(first.source, tuple(meta.shape), attribute=first.attribute)
     if not any(isinstance(v, Tracked) for v in iter_layouts((args, kwargs))):
         # keep the first input's origin (a model input, a parameter read directly): it names the cause
         sources = [v.source for v in iter_layouts((args, kwargs)) if isinstance(v, Untracked)]

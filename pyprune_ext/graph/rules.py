@@ -28,7 +28,7 @@ from .analysis import Analyzer
 from .layouts import TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
 from .optable import describe_at, get_arg
 from .recording import VALUE
-from .sizes import declared_split
+from .sizes import declared_size
 
 # shape ops whose arguments are sizes: a size equal to the channel count is hard-coded
 SIZE_TAKING = {"view", "reshape", "expand", "unflatten", "broadcast_to"}
@@ -256,7 +256,7 @@ def reshape_via_probe(an: Analyzer, node, name, x: Tracked, args, kwargs, meta, 
         if not (len(selections) == 1 and torch.equal(selections[0], everything)):
             an.elements.block(x.ids, selected)
     if name in SIZE_TAKING:
-        fixed = _written_channel_counts(node, name, x, result, literals)
+        fixed = [v for v in _written_channel_counts(node, name, x, result, literals) if not _declared_size(an, node, v)]
         if fixed:
             an.elements.block(x.ids, f"{what} has the channel count ({fixed[0]}) written in its arguments "
                                      "(pruning would break it; compute it from the tensor, or write -1)")
@@ -438,7 +438,7 @@ def _split(an, node, name, swapped, args, kwargs, meta):
         return result
     sizes = {p.size for p in pieces}
     fixed = _cuts_are_written(node, name) and not (len(sizes) == 1 and name == "split"
-                                                   and _declared_split(an, node, pieces[0].size))
+                                                   and _declared_size(an, node, pieces[0].size))
     if len(sizes) > 1 or fixed or name not in _SPLITS_BY_COUNT | _SIZED_SPLITS:
         an.elements.block(x.ids, f"{what} cuts the channels into pieces of fixed sizes "
                                  f"({', '.join(str(p.size) for p in pieces)}); pruning would move the cuts "
@@ -450,13 +450,14 @@ def _split(an, node, name, swapped, args, kwargs, meta):
     return result
 
 
-def _declared_split(an, node, size: int) -> str | None:
-    """The declared size attribute (``graph.sizes``) a split of a module's output at
-    a written ``size`` reads, e.g. GPT-2's ``attn.split_size``; None if undeclared."""
+def _declared_size(an, node, size: int) -> str | None:
+    """The declared size attribute (``graph.sizes``) that a split or reshape of a
+    module's output at a written ``size`` reads (GPT-2's ``attn.split_size``,
+    torchvision ViT's ``hidden_dim``); None if undeclared."""
     source = node.args[0] if node.args else None
     if not (isinstance(source, fx.Node) and source.op == "call_module"):
         return None
-    return declared_split(an.model, source.target, size)
+    return declared_size(an.model, source.target, size)
 
 
 def _cuts_are_written(node, name) -> bool:

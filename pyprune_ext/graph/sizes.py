@@ -1,15 +1,17 @@
 """Sizes a module writes into its own computation, kept true after pruning.
 
-Some modules cut a layer's output at a size they hold as an attribute: GPT-2's
-attention splits its packed q/k/v projection with
-``self.c_attn(x).split(self.split_size, dim=2)``. The traced graph sees only the
-number, which pruning would make wrong, so the analysis refuses such a split
-unless the size is *declared*: ``register_size_attribute(GPT2Attention,
+Some modules cut or reshape a layer's output at a size they hold as an
+attribute: GPT-2's attention splits its packed q/k/v projection with
+``self.c_attn(x).split(self.split_size, dim=2)``, torchvision's ViT reshapes its
+patch embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``. The traced
+graph sees only the number, which pruning would make wrong, so the analysis
+refuses such a split or view unless the size is *declared*: ``register_size_attribute(GPT2Attention,
 "split_size", compute, child="c_attn")`` says that modules of that type cut
 their ``c_attn`` child's output at ``split_size``, and that ``compute(module)``
 gives its value from the (shrunk) layers. The analysis then prunes the pieces
-alike (position i of every piece together) and ``remove_channels`` recomputes
-the attribute after shrinking the layers.
+alike (position i of every piece together), or lets the view follow the
+channels, and ``remove_channels`` recomputes the attribute after shrinking the
+layers.
 
 Declarations for library classes are made by qualified name (``("transformers.
 models.gpt2.modeling_gpt2", "GPT2Attention")``) and take effect once that
@@ -25,7 +27,7 @@ from typing import Callable
 from torch import nn
 
 __all__ = ["SizeAttribute", "register_size_attribute", "unregister_size_attribute", "size_attributes_of",
-           "declared_split", "refresh_sizes"]
+           "declared_size", "refresh_sizes"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ def _gpt2_attention_sizes() -> list[SizeAttribute]:
 
 _LIBRARY: dict[tuple[str, str], Callable[[], list[SizeAttribute]]] = {
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"): _gpt2_attention_sizes,
+    # torchvision's ViT reshapes the patch embedding with x.reshape(n, self.hidden_dim, n_h * n_w)
+    ("torchvision.models.vision_transformer", "VisionTransformer"):
+        lambda: [SizeAttribute("hidden_dim", lambda module: module.conv_proj.out_channels, child="conv_proj")],
 }
 
 
@@ -109,10 +114,10 @@ def size_attributes_of(module: nn.Module) -> list[SizeAttribute]:
     return [size for base in type(module).__mro__ for size in _REGISTRY.get(base, ())]
 
 
-def declared_split(model: nn.Module, producer: str, size: int) -> str | None:
-    """``"owner.attribute"`` when ``size`` (a split size written in the graph) is a
-    declared size of the module owning ``producer`` (the module whose output is
-    split, e.g. ``h.0.attn.c_attn``), else None."""
+def declared_size(model: nn.Module, producer: str, size: int) -> str | None:
+    """``"owner.attribute"`` when ``size`` (a split or view size written in the
+    graph) is a declared size of the module owning ``producer`` (the module whose
+    output is cut or reshaped, e.g. ``h.0.attn.c_attn``), else None."""
     owner_name, _, child = producer.rpartition(".")
     try:
         owner = model.get_submodule(owner_name)
