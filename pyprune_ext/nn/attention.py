@@ -10,9 +10,16 @@ names, so state dicts load either way), through ``F.scaled_dot_product_attention
 and a call of ``self.out_proj`` as a module, which is where a head's Taylor gate
 observes it. :meth:`MultiheadAttention.from_torch` converts a torch module,
 sharing its parameters (an optimizer built on them still applies).
+
+:func:`convert` switches a model's attention modules to their head-aware versions
+in place, from one registry of conversions: torch's MultiheadAttention here, and
+torchvision's Swin window attention (``pyprune_ext.nn.swin``).
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -152,15 +159,52 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 
 def convert(model: nn.Module) -> list[str]:
-    """Switches every torch.nn.MultiheadAttention in ``model`` that
-    :class:`MultiheadAttention` supports to it, in place (same object, parameters
-    and outputs), so its heads can be observed and removed; returns their names."""
+    """Switches every attention module of ``model`` that has a head-aware version
+    (torch.nn.MultiheadAttention -> :class:`MultiheadAttention`, torchvision's Swin
+    ``ShiftedWindowAttention`` -> :class:`pyprune_ext.nn.ShiftedWindowAttention`) to
+    it, in place (same object, parameters and outputs), so its heads can be observed
+    and removed; returns their names. Modules it does not support are left alone."""
     names = []
     for name, module in model.named_modules():
-        if type(module) is nn.MultiheadAttention and unsupported(module) is None:
-            module.__class__ = MultiheadAttention
+        conversion = conversion_for(type(module))
+        if conversion is not None and conversion(module):
             names.append(name)
     return names
+
+
+def _convert_torch(module: nn.MultiheadAttention) -> bool:
+    if unsupported(module) is not None:
+        return False
+    module.__class__ = MultiheadAttention
+    return True
+
+
+def _convert_swin(module) -> bool:
+    from .swin import ShiftedWindowAttention, unsupported as swin_unsupported  # imports torchvision
+    if swin_unsupported(module) is not None:
+        return False
+    ShiftedWindowAttention.convert_in_place(module)
+    return True
+
+
+# The one registry of conversions: exact class -> conversion (module -> whether it was converted).
+# Exact classes, not subclasses: a subclass (torchvision's ShiftedWindowAttentionV2) may compute
+# something else. Classes of other libraries are keyed by (module, class name) and registered once
+# the user has imported that library (pyprune_ext never imports it itself).
+_CONVERSIONS: dict[type, Callable[[nn.Module], bool]] = {nn.MultiheadAttention: _convert_torch}
+_LIBRARY_CONVERSIONS: dict[tuple[str, str], Callable[[nn.Module], bool]] = {
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): _convert_swin,
+}
+
+
+def conversion_for(cls: type) -> Callable[[nn.Module], bool] | None:
+    """The conversion registered for modules of exactly class ``cls``, or None."""
+    for (module_name, class_name), conversion in list(_LIBRARY_CONVERSIONS.items()):
+        library_cls = getattr(sys.modules.get(module_name), class_name, None)
+        if library_cls is not None:
+            del _LIBRARY_CONVERSIONS[(module_name, class_name)]
+            _CONVERSIONS.setdefault(library_cls, conversion)
+    return _CONVERSIONS.get(cls)
 
 
 def _additive(mask: Tensor, dtype) -> Tensor:
