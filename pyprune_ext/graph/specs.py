@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # only for annotations: the analysis calls the specs, not the
     from .analysis import Analyzer
 
 __all__ = ["ROLES", "Axis", "Role", "LayerSpec", "ConvSpec", "ConvTransposeSpec", "LinearSpec",
-           "TransposedLinearSpec", "MultiheadAttentionSpec", "ChannelsFirstLayerNormSpec", "WeightRMSNormSpec",
+           "TransposedLinearSpec", "MultiheadAttentionSpec", "ShiftedWindowAttentionSpec",
+           "ShiftedWindowAttentionV2Spec", "ChannelsFirstLayerNormSpec", "WeightRMSNormSpec",
            "TensorAttributeSpec", "member_layer",
            "BatchNormSpec", "LayerNormSpec", "GroupNormSpec", "EmbeddingSpec", "ChannelwiseSpec", "PReLUSpec",
            "register_layer", "unregister_layer", "spec_for", "registered_layers"]
@@ -122,6 +123,9 @@ class LayerSpec:
     # a per-channel affine normalisation on dim 1 (y = gamma * xhat + beta): directly after a
     # producer, its output is the Taylor gate, and gamma/beta gradients give the gate's (fo_bn)
     gate_after: bool = False
+    # tensors of the module that no axis indexes and surgery keeps as they are (a table of
+    # positions, independent of the channels)
+    unchanged_tensors: tuple[str, ...] = ()
 
     # -- structure ----------------------------------------------------------------------
     def axes(self, module: nn.Module) -> dict[str, Axis]:
@@ -143,7 +147,8 @@ class LayerSpec:
         like the weight (MaskedConv2d's mask) are sliced with it."""
         if parametrize.is_parametrized(module):
             return f"{name} is parametrized (torch.nn.utils.parametrize); its weight cannot be shrunk"
-        known = {t for axis in self.axes(module).values() for t in axis.tensors} | {"num_batches_tracked"}
+        known = ({t for axis in self.axes(module).values() for t in axis.tensors} | {"num_batches_tracked"}
+                 | set(self.unchanged_tensors))
         weight = module._parameters.get("weight")
         shape = tuple(weight.shape) if weight is not None else None
         extras = [n for n, t in chain(module._parameters.items(), module._buffers.items())
@@ -300,6 +305,8 @@ def _trusted_subclass(module: nn.Module, base: type) -> bool:
 _LIBRARY_LAYERS: dict[tuple[str, str], object] = {
     ("transformers.pytorch_utils", "Conv1D"): lambda: TransposedLinearSpec(),
     ("torchvision.models.convnext", "LayerNorm2d"): lambda: ChannelsFirstLayerNormSpec(),
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): lambda: ShiftedWindowAttentionSpec(),
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"): lambda: ShiftedWindowAttentionV2Spec(),
     **{(f"transformers.models.{family}.modeling_{family}", f"{prefix}RMSNorm"): lambda: WeightRMSNormSpec()
        for family, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
 }
@@ -556,6 +563,102 @@ class MultiheadAttentionSpec(LayerSpec):
             return {}
         tokens = inp.numel() // inp.shape[-1]
         return {"out_proj": tokens * module.out_proj.in_features * module.out_proj.out_features}
+
+
+class ShiftedWindowAttentionSpec(LayerSpec):
+    """torchvision's Swin window attention (``ShiftedWindowAttention``, and
+    pyprune_ext.nn.ShiftedWindowAttention): ``"in"``, the stream width it reads (no
+    tensors of its own: ``qkv``'s columns are that member's), and ``"heads"``, one
+    position per head, indexing the head's column of ``relative_position_bias_table``.
+
+    A known layer the analysis does not trace into, as MultiheadAttentionSpec, rather
+    than a forward it follows: the forward pads, rolls and masks the windows by
+    Python decisions on the map's size (which torch.fx cannot trace symbolically),
+    and its position bias gathers the table with an index tensor (which the rules
+    for tensors read directly refuse). What the code does to a head is stated here,
+    once: a head's q, k and v rows of ``qkv`` (packed as q | k | v, ``head_dim``
+    rows each), its ``head_dim`` input columns of ``proj`` and its column of the
+    bias table go together; ``qkv`` and ``proj`` are their own Linear members, and
+    a head is gated where it enters ``proj``. Masking a head is exact: its scores
+    are its bias (zeroed) plus the shift mask, and its zero V makes its output zero.
+
+    torchvision's forward takes the head width as stream width // heads, so a module
+    that loses heads or width becomes a pyprune_ext.nn.ShiftedWindowAttention
+    (``head_dim`` fixed, projections called as modules)."""
+
+    # the table's relative positions do not depend on the heads or the width
+    unchanged_tensors = ("relative_position_index",)
+    heads_tensors: Mapping[str, int] = {"relative_position_bias_table": 1}
+
+    def axes(self, module):
+        return {"in": Axis(module.qkv.in_features, {}, in_feature=True),
+                "heads": Axis(module.num_heads, _present(module, self.heads_tensors), out_feature=True)}
+
+    def analyse(self, an, node, name, module, x, meta):
+        qkv, proj = f"{name}.qkv", f"{name}.proj"
+        heads, head_dim = module.num_heads, module.qkv.out_features // (3 * module.num_heads)
+        for child in (qkv, proj):
+            an.first_seen.setdefault(child, len(an.first_seen))
+        stream = an.channels_in(x, len(x.shape) - 1, qkv)
+        an.elements.attach(name, "in", stream)
+        an.elements.attach(qkv, "in", stream)
+        rows = an.elements.new(3 * heads * head_dim)  # q | k | v
+        an.elements.attach(qkv, "out", rows)
+        q, k, v = np.split(rows, 3)
+        an.elements.union_arrays(q, k)
+        an.elements.union_arrays(q, v)
+        couple_blocks(an, q, head_dim)
+        table = an.elements.new(heads)
+        an.elements.union_arrays(table, q[::head_dim])
+        an.elements.attach(name, "heads", table)
+        an.elements.attach(proj, "in", q)
+        an.input_dim.setdefault(proj, -1)
+        an.elements.mark_attention(q)
+        return Tracked(len(meta.shape) - 1, an.produce(proj, module.proj.out_features, node, -1), meta.shape)
+
+    def resize(self, module, lengths):
+        from ..nn.swin import ShiftedWindowAttention, _torchvision_head_dim
+        if not isinstance(module, ShiftedWindowAttention):
+            # torchvision's forward needs heads * head_dim == the stream width: the copy becomes
+            # ours. remove_channels rebuilds a module before its children, so qkv is as torchvision
+            # built it here and gives torchvision's head width.
+            module.head_dim = _torchvision_head_dim(module)
+            module.__class__ = ShiftedWindowAttention
+        module.num_heads = lengths.get("heads", module.num_heads)
+
+    def macs(self, module, inp, out, norm_macs):
+        return 0  # the attention products, not counted (as for hand-written attention)
+
+    def child_macs(self, module, inp, out):
+        """torchvision's forward runs qkv and proj as functions (on the padded map): their
+        MACs go on their rows, where pyprune_ext's forward (which calls them) has them too."""
+        from ..nn.swin import ShiftedWindowAttention
+        if isinstance(module, ShiftedWindowAttention):
+            return {}
+        batch, height, width, _ = inp.shape
+        wh, ww = module.window_size
+        tokens = batch * -(-height // wh) * wh * -(-width // ww) * ww
+        return {"qkv": tokens * module.qkv.in_features * module.qkv.out_features,
+                "proj": tokens * module.proj.in_features * module.proj.out_features}
+
+
+class ShiftedWindowAttentionV2Spec(ShiftedWindowAttentionSpec):
+    """torchvision's ``ShiftedWindowAttentionV2`` (Swin v2), known so that its heads
+    and the stream through it are refused by name: each head also owns an entry of
+    ``logit_scale`` and an output of ``cpb_mlp`` (the network computing its position
+    bias), which pyprune_ext does not remove, and torchvision's forward takes the head
+    width from the stream width."""
+
+    unchanged_tensors = ("relative_position_index", "relative_coords_table")
+    heads_tensors = {"logit_scale": 0}
+
+    def unsupported_state(self, name, module):
+        return (f"{name} ({type(module).__name__}, Swin v2): its heads cannot be removed (a per-head "
+                "logit_scale and cpb_mlp output), nor the width it reads (torchvision computes the head "
+                "width from it); Swin v1's ShiftedWindowAttention (swin_t/s/b) is supported")
+
+    def resize(self, module, lengths):
+        raise ValueError(self.unsupported_state(type(module).__name__, module))
 
 
 # -- normalisations ------------------------------------------------------------------------------------

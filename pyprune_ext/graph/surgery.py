@@ -144,7 +144,7 @@ def _selections(spec: LayerSpec, module: nn.Module, pname: str, idx: dict[str, T
 
 
 def _known_tensors(spec: LayerSpec, module: nn.Module) -> set[str]:
-    known = {t for axis in spec.axes(module).values() for t in axis.tensors}
+    known = {t for axis in spec.axes(module).values() for t in axis.tensors} | set(spec.unchanged_tensors)
     weight = module._parameters.get("weight")
     for table in (module._parameters, module._buffers):  # weight-shaped state (a mask) follows the weight
         known.update(n for n, t in table.items()
@@ -212,7 +212,9 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: Mapping[
     plan = _checked_plan(model, groups, keep)
     keeps = _axis_keeps(model, plan)
     dims = {m.name: m.dim for _, group, _ in plan for m in group.members if m.role == "tensor"}
-    for name, masks in keeps.items():
+    # a module before its children: its spec's resize sees them as the analysis did (torchvision's
+    # Swin attention derives its head width from its qkv layer's input width)
+    for name, masks in sorted(keeps.items(), key=lambda item: item[0].count(".") + bool(item[0])):
         if "tensor" in masks:
             _shrink_tensor(model, name, dims[name], masks["tensor"])
             continue
