@@ -131,11 +131,16 @@ def test_pruned_zoo_model_exports_and_pickles():
         assert torch.equal(reloaded.eval()(x), pruned(x))
 
 
-@pytest.mark.parametrize("name, heads, neurons", [("vit_b_16", 12, 3072), ("swin_t", None, 384)])
+SWIN_T_HEADS = [3] * 2 + [6] * 2 + [12] * 6 + [24] * 2  # per attention layer, its stages' depths 2, 2, 6, 2
+
+
+@pytest.mark.parametrize("name, heads, neurons", [("vit_b_16", [12] * 12, 3072), ("swin_t", SWIN_T_HEADS, 384)])
 def test_transformer_heads_and_mlp_neurons(name, heads, neurons):
-    """vit_b_16: every encoder layer's 12 heads and 3072 MLP neurons prune (a quarter of the heads
-    and 30% of the neurons removed equals masking them). swin_t: its MLPs prune; its window
-    attention (a torchvision function with the weights passed in) is not followed yet."""
+    """Every attention layer's heads and every MLP's neurons prune, and a quarter of the heads (at
+    least one) and 30% of the neurons removed equals masking them. vit_b_16: 12 layers of 12 heads
+    and 3072 neurons (torch's MultiheadAttention). swin_t: 12 window attention layers of 3 to 24
+    heads (torchvision's ShiftedWindowAttention, which becomes pyprune_ext's when it loses heads,
+    with its head width kept) and their first stage's 384 neurons."""
     import copy
 
     from pyprune_ext.graph import remove_channels, zero_channels
@@ -150,18 +155,23 @@ def test_transformer_heads_and_mlp_neurons(name, heads, neurons):
     assert_partition(groups)
     head_groups = [g for g in groups if any(m.role == "heads" for m in g.members)]
     mlp_groups = [g for g in groups if g.prunable and g.exact_masking and g.name.endswith("mlp.0")]
-    assert [g.size for g in head_groups] == ([heads] * 12 if heads else [])
+    assert [g.size for g in head_groups] == heads
+    assert all(g.prunable and g.exact_masking for g in head_groups)
     assert len(mlp_groups) == 12 and mlp_groups[0].size == neurons
     masked, removed = copy.deepcopy(model), copy.deepcopy(model)
     keep = {}
     for g in head_groups + mlp_groups:
         i = groups.index(g)
-        drop = torch.arange(g.size - (g.size // 4 if g in head_groups else round(0.3 * g.size)), g.size)
+        drop = torch.arange(g.size - (max(1, g.size // 4) if g in head_groups else round(0.3 * g.size)), g.size)
         zero_channels(masked, g, drop)
         keep[i] = torch.arange(0, int(drop[0]))
     remove_channels(removed, groups, keep)
     with torch.no_grad():
         want, got = masked(x), removed(x)
     assert float((want - got).abs().max() / want.abs().max()) <= 1e-4
-    if heads:
+    if name == "vit_b_16":
         assert removed.encoder.layers[0].self_attention.num_heads == 9
+    else:
+        first, last = removed.features[1][0].attn, removed.features[7][1].attn
+        assert (first.num_heads, first.head_dim, last.num_heads, last.head_dim) == (2, 32, 18, 32)
+        assert type(first).__module__ == "pyprune_ext.nn.swin"
