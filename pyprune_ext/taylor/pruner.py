@@ -241,8 +241,9 @@ class TaylorPruner:
         self.model, self.every, self.round_to, self.scope = model, every, round_to, scope
         self.momentum, self.normalize = momentum, _normalization(normalize)
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        # torch's MultiheadAttention computes its output projection as a function, where a head's
-        # gate cannot observe it: switch to pyprune_ext's (same parameters and outputs)
+        # torch's MultiheadAttention and torchvision's Swin window attention compute their output
+        # projection as a function, where a head's gate cannot observe it: switch to pyprune_ext's
+        # (same parameters and outputs)
         self.converted_attention = convert_attention(model)
         self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore)
         self.prunable = [i for i, g in enumerate(self.groups)
