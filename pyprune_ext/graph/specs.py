@@ -594,6 +594,11 @@ class ShiftedWindowAttentionSpec(LayerSpec):
         return {"in": Axis(module.qkv.in_features, {}, in_feature=True),
                 "heads": Axis(module.num_heads, _present(module, self.heads_tensors), out_feature=True)}
 
+    def unsupported_state(self, name, module):
+        from ..nn.swin import unsupported
+        problem = unsupported(module)
+        return f"{name}: {problem}" if problem else super().unsupported_state(name, module)
+
     def analyse(self, an, node, name, module, x, meta):
         qkv, proj = f"{name}.qkv", f"{name}.proj"
         heads, head_dim = module.num_heads, module.qkv.out_features // (3 * module.num_heads)
@@ -617,12 +622,12 @@ class ShiftedWindowAttentionSpec(LayerSpec):
         return Tracked(len(meta.shape) - 1, an.produce(proj, module.proj.out_features, node, -1), meta.shape)
 
     def resize(self, module, lengths):
-        from ..nn.swin import ShiftedWindowAttention, _torchvision_head_dim
+        from ..nn.swin import ShiftedWindowAttention, torchvision_head_dim
         if not isinstance(module, ShiftedWindowAttention):
             # torchvision's forward needs heads * head_dim == the stream width: the copy becomes
             # ours. remove_channels rebuilds a module before its children, so qkv is as torchvision
             # built it here and gives torchvision's head width.
-            module.head_dim = _torchvision_head_dim(module)
+            module.head_dim = torchvision_head_dim(module)
             module.__class__ = ShiftedWindowAttention
         module.num_heads = lengths.get("heads", module.num_heads)
 
@@ -644,7 +649,8 @@ class ShiftedWindowAttentionSpec(LayerSpec):
 
 class ShiftedWindowAttentionV2Spec(ShiftedWindowAttentionSpec):
     """torchvision's ``ShiftedWindowAttentionV2`` (Swin v2), known so that its heads
-    and the stream through it are refused by name: each head also owns an entry of
+    and the stream through it are refused by name (``unsupported_state``, from
+    ``pyprune_ext.nn.swin.unsupported``): each head also owns an entry of
     ``logit_scale`` and an output of ``cpb_mlp`` (the network computing its position
     bias), which pyprune_ext does not remove, and torchvision's forward takes the head
     width from the stream width."""
@@ -652,12 +658,7 @@ class ShiftedWindowAttentionV2Spec(ShiftedWindowAttentionSpec):
     unchanged_tensors = ("relative_position_index", "relative_coords_table")
     heads_tensors = {"logit_scale": 0}
 
-    def unsupported_state(self, name, module):
-        return (f"{name} ({type(module).__name__}, Swin v2): its heads cannot be removed (a per-head "
-                "logit_scale and cpb_mlp output), nor the width it reads (torchvision computes the head "
-                "width from it); Swin v1's ShiftedWindowAttention (swin_t/s/b) is supported")
-
-    def resize(self, module, lengths):
+    def resize(self, module, lengths):  # never reached: unsupported_state blocks every axis
         raise ValueError(self.unsupported_state(type(module).__name__, module))
 
 

@@ -65,7 +65,7 @@ class ShiftedWindowAttention(tv_swin.ShiftedWindowAttention):
             new.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
         for name, child in module._modules.items():
             new.add_module(name, child)
-        new.head_dim = _torchvision_head_dim(module)
+        new.head_dim = torchvision_head_dim(module)
         new.train(module.training)
         return new
 
@@ -76,7 +76,7 @@ class ShiftedWindowAttention(tv_swin.ShiftedWindowAttention):
         problem = unsupported(module)
         if problem:
             raise ValueError(f"ShiftedWindowAttention.convert_in_place: {problem}")
-        module.head_dim = _torchvision_head_dim(module)
+        module.head_dim = torchvision_head_dim(module)
         module.__class__ = cls
 
     @property
@@ -151,7 +151,7 @@ def _shift_mask(x: Tensor, pad_h: int, pad_w: int, window, shift, num_windows: i
     return mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
 
 
-def _torchvision_head_dim(module: tv_swin.ShiftedWindowAttention) -> int:
+def torchvision_head_dim(module: tv_swin.ShiftedWindowAttention) -> int:
     """The head width torchvision's forward uses: the stream width over the head count."""
     return module.qkv.in_features // module.num_heads
 
@@ -160,7 +160,9 @@ def unsupported(module: nn.Module) -> str | None:
     """Why ``module`` cannot become a :class:`ShiftedWindowAttention` (None when it can)."""
     if isinstance(module, tv_swin.ShiftedWindowAttentionV2):
         return (f"{type(module).__name__} (Swin v2) is not supported: its per-head logit_scale and the "
-                "cpb_mlp computing its position bias would have to lose heads too")
+                "cpb_mlp computing its position bias would have to lose heads too, and torchvision's forward "
+                "takes the head width from the width it reads; Swin v1's ShiftedWindowAttention (swin_t/s/b) "
+                "is supported")
     if isinstance(module, ShiftedWindowAttention):
         return None
     dim, heads = module.qkv.in_features, module.num_heads
