@@ -362,7 +362,8 @@ def run_task(task: Task, args) -> dict:
         timing = {b: (inference_ms(dense, task.latency_input(b), args.device),
                       inference_ms(small, task.latency_input(b), args.device)) for b in (1, 64)}
         units = task.units(small)
-        results[text] = {**out, **units, f"{task.metric}_just_pruned": out.pop("just_pruned"),
+        just_pruned = out.pop("just_pruned")
+        results[text] = {**out, **units, f"{task.metric}_just_pruned": just_pruned,
                          f"{task.metric}_final": final, "seconds": seconds,
                          "inference_ms": {str(b): {"dense": t[0], "pruned": t[1]} for b, t in timing.items()}}
         r = results[text]
