@@ -16,7 +16,7 @@ order. A criterion is ``NAME`` or ``NAME/macs``:
   its price;
 * ``tp_taylor``: Torch-Pruning's ``GroupTaylorImportance`` through its
   ``MetaPruner`` (its default per-layer ratios, ``--tp-global`` for its global
-  ranking; on the GPT whole heads, at the same ratio as channels), stepped on the
+  ranking; on the GPT whole heads, at most ``--tp-head-ratio`` of them), stepped on the
   same minibatches. It removes channels at every step, so its Adam optimizer is
   rebuilt after each one. A criterion that fails is reported as failed.
 
@@ -239,7 +239,7 @@ def gpt_task(args) -> Task:
         for block in model.blocks:
             heads.update({layer: block.attn.num_heads for layer in (block.attn.q, block.attn.k, block.attn.v)})
         return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
-                "head_pruning_ratio": args.tp_ratio, "ignored_layers": [model.lm_head]}
+                "head_pruning_ratio": args.tp_head_ratio, "ignored_layers": [model.lm_head]}
 
     def loader(epoch):
         return data.text_loader(corpus.train, args.context, args.gpt_batch, shuffle=True,
@@ -406,6 +406,9 @@ def main(argv=None):
     parser.add_argument("--tp-ratio", type=float, default=0.95,
                         help="Torch-Pruning's pruning_ratio (and head ratio) at its last step; it stops earlier, at "
                              "the MACs target")
+    parser.add_argument("--tp-head-ratio", type=float, default=0.5,
+                        help="Torch-Pruning's head_pruning_ratio at its last step (per layer it removes the ratio's "
+                             "ceiling of the heads, so a ratio near 1 would remove them all)")
     parser.add_argument("--tp-global", action="store_true",
                         help="Torch-Pruning's global ranking (default: its per-layer ratios)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
