@@ -5,7 +5,8 @@ standard library's own sources (``gpt``).
 For each task one dense model is trained; then for each criterion a copy is
 pruned while training (attention heads, MLP neurons and the residual width,
 ranked globally; the paper's schedule scaled down: ``--every`` minibatches
-between steps) to ``--target-flops`` of its MACs, fine-tuned, finalized,
+between steps) to ``--target-flops`` of its MACs, trained on to
+``--prune-epochs`` (so every criterion trains as long), fine-tuned, finalized,
 evaluated and timed. Every criterion sees the same minibatches in the same
 order. A criterion is ``NAME`` or ``NAME/macs``:
 
@@ -134,6 +135,7 @@ class Task:
     epochs: int
     every: int                                         # minibatches between pruning steps
     prune_per_step: int                                # units removed per step (ours)
+    prune_epochs: int                                  # every pruning run trains at least this long
     lr: float = 1e-3
     finetune_lr: float = 3e-4
 
@@ -141,14 +143,14 @@ class Task:
 def fit(model: nn.Module, task: Task, lr: float, *, epochs: int | None = None, first_epoch: int = 0,
         on_step: Callable[[], object] | None = None, until: Callable[[], bool] | None = None,
         device: str = "cpu") -> int:
-    """Adam on ``task.loss`` for ``epochs`` epochs, or until ``until()`` holds at an
-    epoch's end; epoch k of the call reads ``task.loader(first_epoch + k)``, so every
+    """Adam on ``task.loss`` for ``epochs`` epochs, and on until ``until()`` holds at
+    an epoch's end; epoch k of the call reads ``task.loader(first_epoch + k)``, so every
     run that starts at the same epoch sees the same minibatches in the same order.
     ``on_step`` runs after each backward pass; when it returns True it has replaced
     parameters (Torch-Pruning) and the optimizer is rebuilt. Returns the epochs trained."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     trained = 0
-    while (epochs is None or trained < epochs) and not (until is not None and until()):
+    while trained < (epochs or 0) or (until is not None and not until()):
         model.train()
         for batch in task.loader(first_epoch + trained):
             loss = task.loss(model, batch)
@@ -205,7 +207,7 @@ def vit_task(args) -> Task:
                 lambda epoch: data.make_loader(train_set, 64, shuffle=True, seed=args.seed * 1000 + epoch), loss,
                 lambda model: _classifier_accuracy(model, test_loader, device), "accuracy", units,
                 lambda batch: torch.randn(batch, 1, 28, 28, device=device), torch_pruning_options, args.vit_epochs,
-                args.every or 30, args.prune_per_step or 12)
+                args.every or 30, args.prune_per_step or 12, args.prune_epochs or 6)
 
 
 def gpt_task(args) -> Task:
@@ -253,7 +255,8 @@ def gpt_task(args) -> Task:
     return Task("gpt", title, model, torch.zeros(2, args.context, dtype=torch.long, device=device), loader, loss,
                 perplexity, "perplexity", units,
                 lambda batch: torch.randint(0, corpus.vocab_size, (batch, args.context), device=device),
-                torch_pruning_options, args.gpt_epochs, args.every or 20, args.prune_per_step or 40)
+                torch_pruning_options, args.gpt_epochs, args.every or 20, args.prune_per_step or 40,
+                args.prune_epochs or 4)
 
 
 def _windows(tokens: Tensor, context: int, count: int) -> list[tuple[Tensor, Tensor]]:
@@ -272,8 +275,8 @@ def prune_ours(model, task, name, normalize, args) -> dict:
     importance = IMPORTANCES.get(name, name)
     pruner = TaylorPruner(model, task.example, importance, target=Target.flops(args.target_flops),
                           every=task.every, prune_per_step=task.prune_per_step, normalize=normalize or False)
-    epochs = fit(model, task, task.lr, first_epoch=PRUNING_EPOCHS, on_step=pruner.step, until=lambda: pruner.done,
-                 device=args.device)
+    epochs = fit(model, task, task.lr, epochs=task.prune_epochs, first_epoch=PRUNING_EPOCHS, on_step=pruner.step,
+                 until=lambda: pruner.done, device=args.device)
     metric_just_pruned = task.evaluate(model)
     fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, first_epoch=FINETUNE_EPOCHS, device=args.device)
     small = pruner.finalize()
@@ -313,8 +316,8 @@ def prune_torch_pruning(model, task, args) -> dict:
         state["done"] = macs <= args.target_flops * before.total_macs or state["steps"] == steps
         return True
 
-    epochs = fit(model, task, task.lr, first_epoch=PRUNING_EPOCHS, on_step=step, until=lambda: state["done"],
-                 device=args.device)
+    epochs = fit(model, task, task.lr, epochs=task.prune_epochs, first_epoch=PRUNING_EPOCHS, on_step=step,
+                 until=lambda: state["done"], device=args.device)
     metric_just_pruned = task.evaluate(model)
     fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, first_epoch=FINETUNE_EPOCHS, device=args.device)
     after = count_cost(model, (task.example,))
@@ -402,6 +405,9 @@ def main(argv=None):
     parser.add_argument("--target-flops", type=float, default=0.5)
     parser.add_argument("--every", type=int, help="minibatches between pruning steps (vit 30, gpt 20)")
     parser.add_argument("--prune-per-step", type=int, help="units removed per step, ours (vit 12, gpt 40)")
+    parser.add_argument("--prune-epochs", type=int,
+                        help="epochs every pruning run trains (on until its target; vit 6, gpt 4), so that all "
+                             "criteria get the same training")
     parser.add_argument("--tp-steps", type=int, default=60, help="Torch-Pruning's iterative_steps")
     parser.add_argument("--tp-ratio", type=float, default=0.95,
                         help="Torch-Pruning's pruning_ratio (and head ratio) at its last step; it stops earlier, at "
@@ -433,7 +439,7 @@ def main(argv=None):
     if args.quick:
         args.vit_epochs, args.train_examples, args.every, args.finetune_epochs = 1, 1000, 2, 1
         args.gpt_epochs, args.steps_per_epoch, args.chars, args.context, args.val_windows = 1, 20, 200_000, 32, 64
-        args.prune_per_step, args.tp_steps = 40, 12
+        args.prune_per_step, args.tp_steps, args.prune_epochs = 40, 12, 1
     results = {}
     for name in (TASKS if args.task == "all" else [args.task]):
         results[name] = run_task(TASKS[name](args), args)
