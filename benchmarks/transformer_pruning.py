@@ -322,6 +322,7 @@ def prune_torch_pruning(model, task, args) -> dict:
     fit(model, task, task.finetune_lr, epochs=args.finetune_epochs, first_epoch=FINETUNE_EPOCHS, device=args.device)
     after = count_cost(model, (task.example,))
     return {"model": model, "epochs": epochs, "just_pruned": metric_just_pruned, "steps": state["steps"],
+            "target_reached": after.total_macs <= args.target_flops * before.total_macs,
             "flops_kept": after.total_macs / before.total_macs, "params_kept": after.total_params / before.total_params,
             "version": tp.__version__}
 
