@@ -20,11 +20,12 @@ module has been imported, so this file imports no optional library.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
+
+from .._library import register_imported
 
 __all__ = ["SizeAttribute", "register_size_attribute", "unregister_size_attribute", "size_attributes_of",
            "declared_size", "refresh_sizes"]
@@ -87,7 +88,7 @@ def register_size_attribute(module_type: type, attribute: str, compute: Callable
 def unregister_size_attribute(module_type: type, attribute: str) -> SizeAttribute:
     """Removes a declaration (a built-in one too, once its library is imported); returns it."""
     if _LIBRARY:
-        _register_library()
+        register_imported(_LIBRARY, _REGISTRY)
     declared = _REGISTRY.get(module_type, [])
     found = [s for s in declared if s.attribute == attribute]
     if not found:
@@ -98,19 +99,10 @@ def unregister_size_attribute(module_type: type, attribute: str) -> SizeAttribut
     return found[0]
 
 
-def _register_library() -> None:
-    for (module_name, class_name), make in list(_LIBRARY.items()):
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if cls is not None:
-            del _LIBRARY[(module_name, class_name)]
-            if cls not in _REGISTRY:  # a user's declaration wins
-                _REGISTRY[cls] = make()
-
-
 def size_attributes_of(module: nn.Module) -> list[SizeAttribute]:
     """The sizes declared for ``module``'s class (and its base classes)."""
     if _LIBRARY:
-        _register_library()
+        register_imported(_LIBRARY, _REGISTRY)
     return [size for base in type(module).__mro__ for size in _REGISTRY.get(base, ())]
 
 

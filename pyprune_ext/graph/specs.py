@@ -29,7 +29,6 @@ base's spec, since it may compute something else: the analysis traces into it.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Mapping
@@ -41,6 +40,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from .._library import register_imported
 from .layouts import Tracked, Untracked
 from .optable import get_arg
 
@@ -312,22 +312,13 @@ _LIBRARY_LAYERS: dict[tuple[str, str], object] = {
 }
 
 
-def _register_library_layers() -> None:
-    for (module_name, class_name), make in list(_LIBRARY_LAYERS.items()):
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if cls is not None:
-            del _LIBRARY_LAYERS[(module_name, class_name)]
-            if cls not in _REGISTRY:  # a user's registration wins
-                _REGISTRY[cls] = make()
-
-
 def spec_for(module: nn.Module, extra: Mapping[type, LayerSpec] | None = None, *,
              any_subclass: bool = False) -> LayerSpec | None:
     """The spec of ``module``'s class (``extra`` first, then the registry), or
     None. ``any_subclass``: also for subclasses that override ``forward``
     (enough for counting parameters and MACs, not for pruning)."""
     if _LIBRARY_LAYERS:
-        _register_library_layers()
+        register_imported(_LIBRARY_LAYERS, _REGISTRY)
     for base in type(module).__mro__:
         spec = (extra or {}).get(base) or _REGISTRY.get(base)
         if spec is not None:

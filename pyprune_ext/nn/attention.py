@@ -18,14 +18,27 @@ torchvision's Swin window attention (``pyprune_ext.nn.swin``).
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._library import register_imported
+
 __all__ = ["MultiheadAttention", "convert"]
+
+
+def checked_head_dim(width: int, num_heads: int, head_dim: int | None, width_name: str) -> int:
+    """``head_dim``, or ``width // num_heads`` when it is None (the torch layout);
+    ValueError for a width the heads do not divide or an empty head."""
+    if head_dim is None:
+        if width % num_heads:
+            raise ValueError(f"{width_name} {width} is not divisible by num_heads {num_heads}; give head_dim")
+        head_dim = width // num_heads
+    if num_heads < 1 or head_dim < 1:
+        raise ValueError(f"need at least one head of at least one dim, got {num_heads} x {head_dim}")
+    return head_dim
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -36,12 +49,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  batch_first: bool = False, head_dim: int | None = None, device=None, dtype=None):
         nn.Module.__init__(self)
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; give head_dim")
-            head_dim = embed_dim // num_heads
-        if num_heads < 1 or head_dim < 1:
-            raise ValueError(f"need at least one head of at least one dim, got {num_heads} x {head_dim}")
+        head_dim = checked_head_dim(embed_dim, num_heads, head_dim, "embed_dim")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.kdim, self.vdim, self._qkv_same_embed_dim = embed_dim, embed_dim, embed_dim, True
         self.num_heads, self.head_dim, self.dropout, self.batch_first = num_heads, head_dim, dropout, batch_first
@@ -192,18 +200,15 @@ def _convert_swin(module) -> bool:
 # something else. Classes of other libraries are keyed by (module, class name) and registered once
 # the user has imported that library (pyprune_ext never imports it itself).
 _CONVERSIONS: dict[type, Callable[[nn.Module], bool]] = {nn.MultiheadAttention: _convert_torch}
-_LIBRARY_CONVERSIONS: dict[tuple[str, str], Callable[[nn.Module], bool]] = {
-    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): _convert_swin,
+_LIBRARY_CONVERSIONS: dict[tuple[str, str], Callable[[], Callable[[nn.Module], bool]]] = {
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): lambda: _convert_swin,
 }
 
 
 def conversion_for(cls: type) -> Callable[[nn.Module], bool] | None:
     """The conversion registered for modules of exactly class ``cls``, or None."""
-    for (module_name, class_name), conversion in list(_LIBRARY_CONVERSIONS.items()):
-        library_cls = getattr(sys.modules.get(module_name), class_name, None)
-        if library_cls is not None:
-            del _LIBRARY_CONVERSIONS[(module_name, class_name)]
-            _CONVERSIONS.setdefault(library_cls, conversion)
+    if _LIBRARY_CONVERSIONS:
+        register_imported(_LIBRARY_CONVERSIONS, _CONVERSIONS)
     return _CONVERSIONS.get(cls)
 
 

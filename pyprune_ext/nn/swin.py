@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models import swin_transformer as tv_swin
 
+from .attention import checked_head_dim
+
 __all__ = ["ShiftedWindowAttention", "unsupported"]
 
 
@@ -37,13 +39,7 @@ class ShiftedWindowAttention(tv_swin.ShiftedWindowAttention):
                  dropout: float = 0.0, head_dim: int | None = None):
         super().__init__(dim, window_size, shift_size, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
                          attention_dropout=attention_dropout, dropout=dropout)
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; give head_dim")
-            head_dim = dim // num_heads
-        if num_heads < 1 or head_dim < 1:
-            raise ValueError(f"need at least one head of at least one dim, got {num_heads} x {head_dim}")
-        self.head_dim = head_dim
+        self.head_dim = head_dim = checked_head_dim(dim, num_heads, head_dim, "dim")
         if head_dim * num_heads != dim:  # the projections around heads that do not fill the stream
             self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
             self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
