@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from .._library import register_imported
 from .layouts import Tracked, Untracked
+from .norm_patterns import RMSNormPattern, match_rms_norm
 from .optable import get_arg
 
 if TYPE_CHECKING:  # only for annotations: the analysis calls the specs, not the other way round
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # only for annotations: the analysis calls the specs, not the
 __all__ = ["ROLES", "Axis", "Role", "LayerSpec", "ConvSpec", "ConvTransposeSpec", "LinearSpec",
            "TransposedLinearSpec", "MultiheadAttentionSpec", "ShiftedWindowAttentionSpec",
            "ShiftedWindowAttentionV2Spec", "ChannelsFirstLayerNormSpec", "WeightRMSNormSpec",
+           "RecognizedRMSNormSpec",
            "TensorAttributeSpec", "member_layer",
            "BatchNormSpec", "LayerNormSpec", "GroupNormSpec", "EmbeddingSpec", "ChannelwiseSpec", "PReLUSpec",
            "register_layer", "unregister_layer", "spec_for", "registered_layers"]
@@ -316,14 +318,17 @@ def spec_for(module: nn.Module, extra: Mapping[type, LayerSpec] | None = None, *
              any_subclass: bool = False) -> LayerSpec | None:
     """The spec of ``module``'s class (``extra`` first, then the registry), or
     None. ``any_subclass``: also for subclasses that override ``forward``
-    (enough for counting parameters and MACs, not for pruning)."""
+    (enough for counting parameters and MACs, not for pruning). A module of no
+    registered class whose forward is an RMSNorm (``graph.norm_patterns``) is
+    one."""
     if _LIBRARY_LAYERS:
         register_imported(_LIBRARY_LAYERS, _REGISTRY)
     for base in type(module).__mro__:
         spec = (extra or {}).get(base) or _REGISTRY.get(base)
         if spec is not None:
             return spec if any_subclass or _trusted_subclass(module, base) else None
-    return None
+    pattern = match_rms_norm(module)
+    return RecognizedRMSNormSpec(pattern) if pattern is not None else None
 
 
 # -- shared analysis steps ------------------------------------------------------------------------
@@ -733,6 +738,10 @@ class LayerNormSpec(_NormSpec):
     def resize(self, module, lengths):
         module.normalized_shape = tuple(module.normalized_shape[:-1]) + (lengths["norm"],)
 
+    def epsilon(self, module) -> float | None:
+        """The eps added to the variance (None: the dtype's, as nn.RMSNorm's default)."""
+        return module.eps
+
 
 class ChannelsFirstLayerNormSpec(LayerNormSpec):
     """A LayerNorm over the channels of (N, C, ...) inputs, on dim 1 (torchvision's
@@ -758,6 +767,20 @@ class WeightRMSNormSpec(LayerNormSpec):
 
     def resize(self, module, lengths):
         pass  # the weight's shape is its size
+
+    def epsilon(self, module) -> float | None:
+        return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
+class RecognizedRMSNormSpec(WeightRMSNormSpec):
+    """A module of no registered class recognized as an RMSNorm by its forward
+    (``graph.norm_patterns.match_rms_norm``); eps as the pattern found it."""
+
+    def __init__(self, pattern: RMSNormPattern):
+        self.pattern = pattern
+
+    def epsilon(self, module) -> float | None:
+        return self.pattern.eps(module)
 
 
 class GroupNormSpec(_NormSpec):

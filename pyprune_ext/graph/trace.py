@@ -41,14 +41,17 @@ class Traced:
     by_execution: bool
 
 
-def leaf_predicate(ignored: set[int]):
+def leaf_predicate(model: nn.Module, ignored: set[int]):
     """Whether a module is traced as one opaque node: ignored modules, the layers
-    the analysis knows, and torch.nn's own modules (fx's default rule)."""
+    the analysis knows, and torch.nn's own modules (fx's default rule). Which
+    modules are known is decided before tracing: recognizing a hand-written
+    layer (``norm_patterns``) runs its forward, which must not happen inside
+    the model's trace."""
     default = fx.Tracer()
+    known = {id(m) for m in model.modules() if spec_for(m) is not None or module_class_rule(m) is not None}
 
     def is_leaf(module: nn.Module, qualname: str = "") -> bool:
-        known = spec_for(module) is not None or module_class_rule(module) is not None
-        if id(module) in ignored or known or isinstance(module, OPAQUE_OK):
+        if id(module) in ignored or id(module) in known or isinstance(module, OPAQUE_OK):
             return True
         if isinstance(module, CONTAINERS) or type(module) is nn.Module:
             return False  # containers (a bare nn.Module used as a namespace too): look inside
@@ -126,7 +129,7 @@ def trace_model(model: nn.Module, example_inputs, ignored: set[int]) -> Traced:
     """The model's graph with recorded values: torch.fx first, execution tracing
     (with a warning) when fx fails."""
     args = positional_inputs(model, example_inputs)
-    is_leaf = leaf_predicate(ignored)
+    is_leaf = leaf_predicate(model, ignored)
     with analysis_mode(model):
         try:
             return Traced(trace_with_fx(model, args, is_leaf), by_execution=False)

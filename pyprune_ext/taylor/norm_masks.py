@@ -34,8 +34,8 @@ def masked_norm(module: nn.Module, x: Tensor, keep: Tensor, dim: int = -1) -> Te
         mean = (x * m).sum(-1, keepdim=True) / count
         centred = (x - mean) * m
         y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + module.eps)
-    else:  # nn.RMSNorm, or an RMSNorm module of another library (variance_epsilon: Hugging Face's)
-        eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    else:  # nn.RMSNorm, an RMSNorm module of another library or one written by hand
+        eps = spec_for(module).epsilon(module)
         eps = eps if eps is not None else torch.finfo(x.dtype).eps
         y = x * m * torch.rsqrt((x * x * m).sum(-1, keepdim=True) / count + eps)
     if module.weight is not None:
