@@ -284,6 +284,23 @@ def test_bench_prints_a_table(tmp_path):
     assert json.loads((tmp_path / "taylor.json").read_text())
 
 
+def test_lottery_pattern_makes_n_to_m_tickets_and_random_n_to_m_controls(tmp_path, capsys, digits):
+    from pyprune_ext.lottery import MaskSet, is_nm, NMPattern
+
+    out = tmp_path / "run"
+    code = main(["lottery", "--levels", "2", "--iterations", "20", "--eval-every", "10", "--quiet", "--pattern", "2:4",
+                 "--control", "random", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = {(r["variant"], r["level"]): r for r in json.loads((out / "summary.json").read_text())["levels"]}
+    for variant in ("ticket", "random"):
+        assert rows[(variant, 1)]["remaining_pct"] == pytest.approx(50.0, abs=0.05)  # 2:4 everywhere (64, 300, 100)
+        assert rows[(variant, 2)]["remaining_pct"] == pytest.approx(40.0, abs=0.1)  # then 20% unstructured
+    for variant_dir in (out / "ticket", out / "random"):
+        for level in (1, 2):
+            masks = MaskSet.load(next(variant_dir.glob(f"**/level_{level:02d}/mask.pt")))
+            assert all(is_nm(mask, NMPattern(2, 4)) for mask in masks.values())
+
+
 # ----------------------------------------------------------------------- errors
 
 def _user_error(argv, capsys) -> str:

@@ -95,6 +95,8 @@ BAD_OPTIONS = [
     (["lottery", "--rate", "nan"], ["--rate"]),
     (["lottery", "--nproc", str(10**30)], ["--nproc"]),
     (["taylor", "--normalize", "flops"], ["--normalize", "'macs'"]),
+    (["lottery", "--pattern", "2/4"], ["--pattern", "N:M"]),
+    (["lottery", "--pattern", "4:2"], ["--pattern", "0 < N < M"]),
 ]
 
 

@@ -70,6 +70,16 @@ POSITIVE_FLOAT = _number(float, lambda v: 0 < v, "a finite number > 0")
 EPOCHS = _number(float, lambda v: 0 < v <= MAX_COUNT, f"a number of epochs > 0 and at most {MAX_COUNT}")
 
 
+def nm_pattern(text: str) -> str:
+    """``--pattern N:M``, normalized (``" 2:4"`` -> ``"2:4"``)."""
+    from ..lottery.nm import NMPattern
+
+    try:
+        return str(NMPattern.parse(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def cpu_count() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:

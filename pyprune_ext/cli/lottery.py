@@ -50,11 +50,20 @@ def _config(args, device: torch.device, control: str, ticket_dir: Path) -> Lotte
     try:
         return LotteryConfig(
             levels=args.levels, rate=args.rate, output_rate=args.output_rate, scope=args.scope,
+            pattern=args.pattern, pattern_incompatible=args.pattern_incompatible,
             rewind_iteration=args.rewind, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
             eval_every=args.eval_every, seed=args.seed, device=str(device), control=control,
             control_source=None if control == "none" else str(ticket_dir), **training)
     except ValueError as err:
         raise UsageError(str(err).replace("LotteryConfig: ", "")) from None
+
+
+def _levels_text(args) -> str:
+    unstructured = f"{100 * args.rate:g}% ({args.scope})"
+    if not args.pattern:
+        return f"{args.levels} levels of {unstructured}"
+    later = f", then {args.levels - 1} of {unstructured}" if args.levels > 1 else ""
+    return f"{args.levels} levels: {args.pattern}{later}"
 
 
 def _check_export_options(args) -> None:
@@ -159,7 +168,7 @@ def _run_and_report(args, controls, device, splits, build, example, out: Path, c
     runs = _runs(args, controls, device, splits, build, out, console)
     ticket = runs["ticket"]
     console.note(f"lottery: {model_label(args)} on {splits.name} {splits.sizes()} train/val/test, "
-                 f"{args.levels} levels of {100 * args.rate:g}% ({args.scope}), rewind to iteration {args.rewind}, "
+                 f"{_levels_text(args)}, rewind to iteration {args.rewind}, "
                  f"{ticket.total_iterations} iterations per level, output in {out}")
     results = _run_all(runs, console)
     if not is_writer():  # the other ranks of a --nproc run: rank 0 reports

@@ -15,7 +15,8 @@ from typing import List, Optional
 from . import launch
 from ..data import DATASETS
 from .common import (EPOCHS, FRACTION_KEPT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, RATE, SEED, Console,
-                     UsageError, default_output_dir, model_choices, output_file, output_folder, preflight, threads)
+                     UsageError, default_output_dir, model_choices, nm_pattern, output_file, output_folder, preflight,
+                     threads)
 
 COMMANDS = {
     "taylor": "prune channels with Taylor importance, fine-tune, remove them, export",
@@ -104,6 +105,12 @@ def _lottery_parser(sub, shared) -> None:
                                                           "(default 0.2)")
     g.add_argument("--output-rate", type=RATE, help="rate of the output layer (the paper: 0.1; default --rate)")
     g.add_argument("--scope", choices=("layer", "global"), default="layer", help="default layer")
+    g.add_argument("--pattern", metavar="N:M", type=nm_pattern,
+                   help="N:M tickets (e.g. 2:4, which sparse tensor cores run): level 1 keeps the N largest of every "
+                        "M weights along each layer's input, later levels prune --rate unstructured on top")
+    g.add_argument("--pattern-incompatible", choices=("dense", "error"), default="dense",
+                   help="a layer whose input dim is not a multiple of M: left dense at the N:M level (default) or "
+                        "refused")
     g.add_argument("--rewind", type=NON_NEGATIVE_INT, default=0, metavar="ITER",
                    help="rewind to iteration ITER (0 = the initialisation, default)")
     g.add_argument("--control", default="reinit,random", metavar="LIST",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .controls import CONTROLS
+from .nm import NMPattern
 
 __all__ = ["LotteryConfig", "config_differences"]
 
@@ -45,6 +46,14 @@ class LotteryConfig:
         scope: ``"layer"`` or ``"global"`` (one threshold over all tensors).
         prunable: parameter names or fnmatch patterns to prune; None = the
             weights of Linear and convolution layers.
+        pattern: ``"2:4"`` or another N:M: level 1 makes every prunable tensor
+            with an N:M form N:M (a fixed ``1 - N/M`` of it pruned by magnitude,
+            :mod:`~pyprune_ext.lottery.nm`); levels 2.. prune ``rate`` of the
+            remaining weights unstructured on top, which keeps the pattern. The
+            masks are checked to be N:M at every level, resumed ones too.
+        pattern_incompatible: a prunable tensor without an N:M form (input dim
+            not a multiple of M): ``"dense"`` (level 1 leaves it unpruned) or
+            ``"error"`` (refused by name).
     Rewinding:
         rewind_iteration: k; 0 = reset to the initialisation.
         rewind_optimizer: also restore the optimizer state at k (else a fresh
@@ -86,6 +95,8 @@ class LotteryConfig:
     output_rate: Optional[float] = None
     scope: str = "layer"
     prunable: Optional[List[str]] = None
+    pattern: Optional[str] = None
+    pattern_incompatible: str = "dense"
     rewind_iteration: int = 0
     rewind_optimizer: bool = False
     rewind_schedule: bool = True
@@ -126,6 +137,13 @@ class LotteryConfig:
         check(all(isinstance(k, str) for k in self.rates),
               "rates keys must be strings (parameter, module or layer type names) so the config saves as JSON")
         check(self.scope in _SCOPES, f"scope must be one of {_SCOPES}, got {self.scope!r}")
+        if self.pattern is not None:
+            try:
+                self.pattern = str(NMPattern.parse(self.pattern))
+            except ValueError as err:
+                check(False, str(err))
+        check(self.pattern_incompatible in ("dense", "error"),
+              f"pattern_incompatible must be 'dense' or 'error', got {self.pattern_incompatible!r}")
         check(self.scope == "layer" or (not self.rates and self.output_rate is None),
               "rates/output_rate apply to scope='layer' only")
         check((self.iterations is None) != (self.epochs is None),
@@ -178,6 +196,10 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
     """Human-readable differences between two config dicts, ignoring ``levels``
     and ``control_source`` (a location, not a setting)."""
     out = []
+    # a setting added after a run was made is absent from its saved config: it ran with the default
+    defaults = {f.name: f.default for f in dataclasses.fields(LotteryConfig)
+                if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in current}, **saved}
     for key in sorted(set(saved) | set(current)):
         if key in _EXTENDABLE or key in _LOCATIONS:
             continue

@@ -4,7 +4,8 @@
   (:func:`random_reinit`);
 * random pruning: a random mask with the ticket's sparsity, per layer (each layer
   keeps its count) or globally (only the total is kept), on the original
-  initialisation (:func:`random_prune`).
+  initialisation (:func:`random_prune`); for N:M tickets a random N:M mask with
+  the ticket's per-layer counts (:func:`random_prune_nm`).
 
 Both run on the levels of an existing run: :func:`level_masks` reads a run's mask
 files and :func:`control_masks` derives the control's mask for one level.
@@ -20,9 +21,10 @@ from torch import nn
 
 from .io import PathLike
 from .masks import MaskSet
+from .nm import NMPattern, nm_problem, random_nm
 from .seeding import derive_seed
 
-__all__ = ["CONTROLS", "control_masks", "level_masks", "random_prune", "random_reinit"]
+__all__ = ["CONTROLS", "control_masks", "level_masks", "random_prune", "random_prune_nm", "random_reinit"]
 
 #: Values of ``LotteryConfig.control``.
 CONTROLS = ("none", "reinit", "random")
@@ -83,12 +85,31 @@ def level_masks(run_dir: PathLike, model: Optional[nn.Module] = None) -> Dict[in
     return result
 
 
-def control_masks(ticket_masks: MaskSet, control: str, seed: int, level: int, scope: str = "layer") -> MaskSet:
+def random_prune_nm(masks: MaskSet, pattern, seed: int) -> MaskSet:
+    """A random mask with the per-layer counts of ``masks`` that is N:M in every
+    tensor with an N:M form (:func:`~pyprune_ext.lottery.nm.random_nm`); the
+    other tensors are drawn as :func:`random_prune` per layer does."""
+    pattern = NMPattern.parse(pattern)
+    generator = torch.Generator().manual_seed(seed)
+    result = {}
+    for name, mask in masks.items():
+        if nm_problem(tuple(mask.shape), pattern) is None:
+            result[name] = random_nm(mask, pattern, generator)
+        else:
+            result[name] = _scatter_kept(mask.numel(), int(mask.sum()), generator).view(mask.shape).to(mask.device)
+    return MaskSet(result)
+
+
+def control_masks(ticket_masks: MaskSet, control: str, seed: int, level: int, scope: str = "layer",
+                  pattern=None) -> MaskSet:
     """The mask a control trains at ``level``: the ticket's own for ``"none"`` and
     ``"reinit"``, a random one with its sparsity for ``"random"`` (seeded by
-    ``(seed, level)`` so every level gets an independent draw)."""
+    ``(seed, level)`` so every level gets an independent draw; N:M where the
+    tickets are, with ``pattern``)."""
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
     if control == "random":
+        if pattern is not None and level >= 1:
+            return random_prune_nm(ticket_masks, pattern, derive_seed(seed, "random-prune", level))
         return random_prune(ticket_masks, derive_seed(seed, "random-prune", level), scope)
     return ticket_masks

@@ -11,17 +11,19 @@ level.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
 from ..distributed import unwrap_model
 from .masks import MaskSet
+from .nm import NMPattern, nm_problem, nm_select
 from .selection import select_smallest
 
-__all__ = ["count_to_prune", "layer_rates", "prune_by_magnitude"]
+__all__ = ["count_to_prune", "layer_rates", "nm_layers", "prune_by_magnitude"]
 
 _SCOPES = ("layer", "global")
+_INCOMPATIBLE = ("dense", "error")
 RateKey = Union[str, type]
 
 
@@ -126,8 +128,10 @@ def _weights_by_name(model, masks: MaskSet) -> Dict[str, Tensor]:
 
 def prune_by_magnitude(model: Union[nn.Module, Mapping[str, Tensor]], masks: MaskSet, rate: float = 0.2,
                        scope: str = "layer", rates: Optional[Mapping[RateKey, float]] = None,
-                       output_rate: Optional[float] = None, *, impl: str = "auto") -> MaskSet:
-    """Prunes the fraction ``rate`` of the remaining weights with the smallest ``|w|``.
+                       output_rate: Optional[float] = None, *, pattern: Union[None, str, NMPattern] = None,
+                       incompatible: str = "dense", impl: str = "auto") -> MaskSet:
+    """Prunes the fraction ``rate`` of the remaining weights with the smallest ``|w|``
+    (or, with ``pattern``, makes the masks N:M).
 
     Args:
         model: the trained model, or a ``name -> weight`` mapping (e.g. a state dict).
@@ -138,6 +142,13 @@ def prune_by_magnitude(model: Union[nn.Module, Mapping[str, Tensor]], masks: Mas
             ``"global"``: one magnitude threshold over all tensors removes
             ``rate`` of the total remaining weights.
         rates, output_rate: per-layer rates (``scope="layer"`` only).
+        pattern: ``"2:4"`` (N:M, :mod:`~pyprune_ext.lottery.nm`): instead of
+            ``rate``, every tensor with an N:M form keeps the N largest ``|w|`` of
+            its kept weights in each group of M inputs; ``rate``, ``scope`` and
+            ``rates`` do not apply.
+        incompatible: with ``pattern``, what happens to a tensor without an N:M
+            form (an input dim that is not a multiple of M): ``"dense"`` leaves
+            its mask as it is, ``"error"`` raises ValueError naming it.
         impl: passed to :func:`~pyprune_ext.lottery.selection.select_smallest`.
 
     Returns:
@@ -148,6 +159,8 @@ def prune_by_magnitude(model: Union[nn.Module, Mapping[str, Tensor]], masks: Mas
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
     weights = _weights_by_name(model, masks)
     names = list(masks)
+    if pattern is not None:
+        return _prune_to_pattern(weights, masks, NMPattern.parse(pattern), incompatible)
     if scope == "global":
         if rates or output_rate is not None:
             raise ValueError("rates and output_rate apply to scope='layer' only; global pruning uses one "
@@ -162,3 +175,22 @@ def prune_by_magnitude(model: Union[nn.Module, Mapping[str, Tensor]], masks: Mas
         k = count_to_prune(per_layer[name], int(masks[name].sum()))
         result[name] = select_smallest([weights[name]], [masks[name]], k, impl=impl)[0]
     return MaskSet(result)
+
+
+def nm_layers(masks: Mapping[str, Tensor], pattern: Union[str, NMPattern]) -> Tuple[List[str], Dict[str, str]]:
+    """The masked tensors with an N:M form, and ``name -> why not`` for the others."""
+    pattern = NMPattern.parse(pattern)
+    problems = {name: nm_problem(tuple(mask.shape), pattern) for name, mask in masks.items()}
+    return [n for n, p in problems.items() if p is None], {n: p for n, p in problems.items() if p is not None}
+
+
+def _prune_to_pattern(weights: Dict[str, Tensor], masks: MaskSet, pattern: NMPattern, incompatible: str) -> MaskSet:
+    if incompatible not in _INCOMPATIBLE:
+        raise ValueError(f"incompatible must be one of {_INCOMPATIBLE}, got {incompatible!r}")
+    compatible, problems = nm_layers(masks, pattern)
+    if problems and incompatible == "error":
+        name, why = next(iter(problems.items()))
+        raise ValueError(f"prune_by_magnitude: {name} has no {pattern} form: {why} (incompatible='dense' leaves "
+                         "such tensors unpruned)")
+    return MaskSet({name: nm_select(weights[name], mask, pattern) if name in compatible else mask.clone()
+                    for name, mask in masks.items()})

@@ -65,7 +65,8 @@ from .io import (PathLike, RunFileError, atomic_write_json, atomic_write_text, l
                  save_tensors)
 from .masks import MaskSet
 from .metrics import early_stop, summary_csv, summary_row
-from .pruning import prune_by_magnitude
+from .nm import NMPattern, check_nm
+from .pruning import nm_layers, prune_by_magnitude
 from .rewinding import RewindPoint, model_state, rewind
 from .seeding import derive_seed, seed_everything
 from .training import Evaluate, LevelTraining, NonFiniteLossError, TrainStep, make_optimizer, make_scheduler
@@ -331,20 +332,37 @@ class LotteryRun:
                 raise RuntimeError(f"control_source {self.source_dir} has not finished level {level}; "
                                    "run the tickets that far first")
             ticket = self._load_mask(self.source_dir / f"level_{level:02d}" / "mask.pt")
-            return control_masks(ticket, c.control, c.effective_control_seed, level, c.control_scope)
+            return control_masks(ticket, c.control, c.effective_control_seed, level, c.control_scope, c.pattern)
         if level == 0:
             return MaskSet.ones(self._new_model(0), c.prunable)
         previous = self._load_mask(self.level_dir(level - 1) / "mask.pt").to(self.device)
         model = self._final_model(level - 1, previous)
+        if c.pattern is not None and level == 1:  # the N:M level; later ones prune unstructured on top
+            return prune_by_magnitude(model, previous, pattern=c.pattern, incompatible=c.pattern_incompatible)
         return prune_by_magnitude(model, previous, c.rate, c.scope, c.rates or None, c.output_rate)
+
+    def _check_pattern(self, level: int, masks: MaskSet, loaded_from: Optional[Path]) -> None:
+        """An N:M run's masks are N:M in every tensor with an N:M form, from level 1 on."""
+        c = self.config
+        if c.pattern is None or level < 1:
+            return
+        compatible, _ = nm_layers(masks, c.pattern)
+        try:
+            check_nm(masks, NMPattern.parse(c.pattern), compatible, what=f"level {level}'s mask")
+        except ValueError as err:
+            if loaded_from is None:
+                raise
+            raise RunFileError(f"{loaded_from}: {err}; delete {loaded_from.parent} to recompute the level") from None
 
     def _masks(self, level: int) -> MaskSet:
         """The level's saved mask if there is one (a resumed level), else computed and saved."""
         path = self.level_dir(level) / "mask.pt"
         if path.is_file():
             masks = self._load_mask(path)
+            self._check_pattern(level, masks, loaded_from=path)
         else:
             masks = self._compute_masks(level)
+            self._check_pattern(level, masks, loaded_from=None)
             if self.writer:
                 masks.save(path)
         if self.sync is not None:
