@@ -11,7 +11,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyprune_ext.graph import dependency_groups
+import copy
+
+from pyprune_ext.graph import (dependency_groups, register_size_attribute, remove_channels,
+                               unregister_size_attribute, zero_channels)
 from pyprune_ext.taylor import Target, TaylorPruner
 
 from test_graph_layers import assert_removed_equals_masked, relative_difference
@@ -116,6 +119,91 @@ def test_grouped_query_attention_prunes_a_kv_head_with_its_query_heads(kind):
     assert spans == {"q": 16, "k": 8, "v": 8, "o": 16}
     attn = removed.blocks[0].attn
     assert (attn.q.out_features, attn.k.out_features) == (16, 8)  # one KV group of two left
+
+
+# -- gqa="query": KV heads kept, query heads pruned within their KV groups ---------------------------
+@pytest.fixture
+def declared_heads():
+    """The hand-written models repeat K/V ``heads // kv_heads`` times: pruning query heads
+    must update ``heads``, declared as a size (as Hugging Face's num_key_value_groups is)."""
+    declared = [(Attention, lambda m: m.q.out_features // m.head_dim),
+                (LlamaBlock, lambda m: m.q_proj.out_features // m.head_dim)]
+    for cls, compute in declared:
+        register_size_attribute(cls, "heads", compute)
+    yield
+    for cls, _ in declared:
+        unregister_size_attribute(cls, "heads")
+
+
+def masked_and_removed(model, x, groups, keep: dict):
+    """(masked output, removed model, its output): ``zero_channels`` on a copy drops what
+    ``keep`` does not keep, ``remove_channels`` on another copy keeps ``keep``."""
+    masked, removed = copy.deepcopy(model), copy.deepcopy(model)
+    for i, kept in keep.items():
+        zero_channels(masked, groups[i], [c for c in range(groups[i].size) if c not in kept])
+    remove_channels(removed, groups, {i: torch.tensor(kept) for i, kept in keep.items()})
+    with torch.no_grad():
+        return masked(x), removed, removed(x)
+
+
+def query_group(groups, q_name):
+    (index,) = [i for i, g in enumerate(groups) if any(m.name == q_name and m.role == "out" for m in g.members)]
+    return index, groups[index]
+
+
+@pytest.mark.parametrize("kind", ["sdpa_gqa", "sdpa", "matmul", "repeat_kv"])
+def test_gqa_query_keeps_kv_heads_and_prunes_query_heads_in_equal_blocks(kind, declared_heads):
+    """enable_gqa, repeat_interleave (sdpa and matmul-softmax-matmul), HF's expand + reshape."""
+    torch.manual_seed(0)
+    model, x = GPT(heads=4, kv_heads=2, kind=kind).eval(), tokens()
+    groups = dependency_groups(model, x, gqa="query")
+    index, heads = query_group(groups, "blocks.0.attn.q")
+    assert heads.prunable and heads.exact_masking and heads.zeroes_inputs
+    assert (heads.size, heads.blocks) == (4, 2)  # query heads; two KV heads with two each
+    assert {(m.name, m.role, m.span) for m in heads.members} == {("blocks.0.attn.q", "out", 8),
+                                                                  ("blocks.0.attn.o", "in", 8)}
+    assert [(g.name, g.on_input) for g in heads.gates] == [("blocks.0.attn.o", True)]
+    kv_rows = [g for g in groups if any(m.role == "out" and m.name.endswith((".k", ".v")) for m in g.members)]
+    assert len(kv_rows) == 2 and not any(g.prunable for g in kv_rows)
+    assert all("gqa='query' keeps the key/value heads" in g.reason for g in kv_rows)
+
+    with pytest.raises(ValueError, match=r"group \d+ \('blocks.0.attn.q'\) has 2 blocks .* leave 2, 1 in them"):
+        remove_channels(copy.deepcopy(model), groups, {index: torch.tensor([0, 1, 3])})
+    other, _ = query_group(groups, "blocks.1.attn.q")
+    # one query head per KV head, not the same slot in both: 0 of block 0, 3 (the second) of block 1
+    masked, removed, got = masked_and_removed(model, x, groups, {index: [0, 3], other: [1, 2]})
+    assert relative_difference(masked, got) <= 1e-4
+    with torch.no_grad():
+        assert relative_difference(model(x), masked) > 1e-3  # the masked heads did contribute
+    for block in removed.blocks:
+        attn = block.attn
+        assert (attn.q.out_features, attn.k.out_features, attn.v.out_features, attn.o.in_features) == (16, 16, 16, 16)
+        assert (attn.heads, attn.kv_heads) == (2, 2)
+
+
+def test_gqa_query_llama_block_keeps_three_of_four_query_heads_per_kv_head(declared_heads):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, EMBED), LlamaBlock(heads=8, kv_heads=2), nn.Linear(EMBED, VOCAB)).eval()
+    groups = dependency_groups(model, tokens(), gqa="query")
+    index, heads = query_group(groups, "1.q_proj")
+    assert (heads.size, heads.blocks, heads.name) == (8, 2, "1.q_proj") and heads.exact_masking
+    masked, removed, got = masked_and_removed(model, tokens(), groups, {index: [0, 1, 3, 4, 6, 7]})
+    assert relative_difference(masked, got) <= 1e-4
+    block = removed[1]
+    assert (block.q_proj.out_features, block.k_proj.out_features, block.o_proj.in_features) == (24, 8, 24)
+    assert block.heads == 6 and block.heads // block.kv_heads == 3
+
+
+def test_gqa_query_without_shared_kv_heads_couples_heads_as_by_default():
+    """Hq == Hkv: a query head has its own KV head, so it goes with it in both modes."""
+    model = GPT(heads=4, kv_heads=4).eval()
+    assert ([(g.name, g.size, g.blocks) for g in dependency_groups(model, tokens(), gqa="query")]
+            == [(g.name, g.size, g.blocks) for g in dependency_groups(model, tokens())])
+
+
+def test_gqa_mode_is_validated():
+    with pytest.raises(ValueError, match="gqa must be one of 'kv', 'query'.*got 'queries'"):
+        dependency_groups(GPT(heads=4, kv_heads=2).eval(), tokens(), gqa="queries")
 
 
 def test_head_count_written_in_the_view_is_refused_by_name():

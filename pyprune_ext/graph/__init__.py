@@ -4,7 +4,8 @@
 execution when fx cannot) and returns ``ChannelGroup``s: channels coupled by
 residual adds, concatenation, depthwise convs, flattening into a Linear, norm
 layers, attention heads (a view into heads, scaled_dot_product_attention,
-nn.MultiheadAttention; grouped-query aware), ... Each group names its members (module axes), its gates (where
+nn.MultiheadAttention; grouped-query aware: ``gqa="query"`` keeps the KV heads and
+prunes query heads with an equal count per KV head), ... Each group names its members (module axes), its gates (where
 Taylor scores are measured) and whether it can be pruned at all.
 ``remove_channels`` rebuilds the affected layers smaller; ``zero_channels``
 masks the same channels in place (exactly equivalent for ``exact_masking``

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .attention import KEPT_KV_HEAD_READ, KEPT_KV_HEADS
 from .layouts import Elements, TensorMeta, Tracked, Untracked, is_tensor_layout, iter_layouts
 from .optable import ADD_LIKE, canonical, describe
 from .specs import spec_for
@@ -77,10 +78,13 @@ class Analyzer:
     """The state of one pass over a graph (``walk.analyse`` drives it); results in
     ``elements``, ``gate_of``, ``first_seen``."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, ignored: set[str]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, ignored: set[str], gqa: str = "kv"):
         self.model = model
         self.graph = graph
         self.ignored = ignored
+        self.gqa = gqa  # what a KV head shared by several query heads is pruned with (attention.GQA_MODES)
+        # gqa="query": (query head elements, the KV head element each reads), per attention op
+        self.kv_reads: list[tuple[np.ndarray, np.ndarray]] = []
         self.elements = Elements()
         self.values: dict[fx.Node, object] = {}
         self._materialized: dict[tuple[int, int], np.ndarray] = {}
@@ -187,7 +191,12 @@ class Analyzer:
         outputs = {id(v) for v in iter_layouts(value)}
         for layout in dirty:
             if id(layout) not in self._settled and id(layout) not in outputs:
-                for reason in self.dirt(layout):
+                reasons = self.dirt(layout)
+                if KEPT_KV_HEAD_READ in reasons and self._is_layer_input(node, layout):
+                    # a layer's input columns: masking zeroes them too, whatever the masked values
+                    self.elements.mark_zeroes_inputs(layout.ids)
+                    continue
+                for reason in reasons:
                     self.elements.mark_inexact(layout.ids, reason)
         produced = [reasons for v in iter_layouts(value) if (reasons := self.dirt(v))]
         if produced and mutates_input(node, self.model):
@@ -195,6 +204,25 @@ class Analyzer:
             if isinstance(target, Tracked):
                 for reasons in produced:
                     self.soil(target, reasons)
+
+    def _is_layer_input(self, node: fx.Node, layout: Tracked) -> bool:
+        """Whether the layer called at ``node`` took ``layout``'s channels, all of
+        them, as its "in" axis (its input columns, which removal drops)."""
+        if node.op != "call_module" or spec_for(self.model.get_submodule(node.target)) is None:
+            return False
+        find, members = self.elements.find, self.elements.members
+        in_axis = [e for (name, role, _), e in members.items() if name == node.target and role == "in"]
+        return (len(in_axis) == len(layout.ids)
+                and all(find(members[(node.target, "in", p)]) == find(int(e)) for p, e in enumerate(layout.ids)))
+
+    # -- grouped-query attention ----------------------------------------------------------
+    def read_shared_kv(self, query: np.ndarray, kv: np.ndarray) -> None:
+        """gqa="query": query head ``p`` (element ``query[p]``) reads KV head ``kv[p]``,
+        which several query heads share. The KV heads are kept (their k/v rows
+        are blocked), the query heads are not coupled to them; ``groups.bundle``
+        turns the reads into the query group's blocks."""
+        self.kv_reads.append((np.asarray(query), np.asarray(kv)))
+        self.elements.block(kv, KEPT_KV_HEADS)
 
     # -- channels -----------------------------------------------------------------------
     def channels_in(self, x, dim: int, consumer: str) -> np.ndarray:

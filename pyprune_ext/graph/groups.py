@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable
 
 from torch import nn
 
 from .analysis import Analyzer
+from .attention import checked_gqa
 from .walk import analyse
 from .layouts import Elements
 from .specs import ROLES, member_layer, spec_for
@@ -16,7 +18,8 @@ from .structs import ChannelGroup, Gate, GraphAnalysisWarning, Member
 from .trace import trace_model
 
 
-def dependency_groups(model: nn.Module, example_inputs, ignore: Iterable[nn.Module] = ()) -> list[ChannelGroup]:
+def dependency_groups(model: nn.Module, example_inputs, ignore: Iterable[nn.Module] = (),
+                      gqa: str = "kv") -> list[ChannelGroup]:
     """The groups of channels of ``model`` that must be pruned together.
 
     ``example_inputs``: a tensor, a tuple/list of forward arguments or a dict of
@@ -26,16 +29,29 @@ def dependency_groups(model: nn.Module, example_inputs, ignore: Iterable[nn.Modu
     ignored module that is not a Conv/Linear/norm layer is treated as opaque:
     its inputs are not pruned either).
 
+    ``gqa``: what grouped-query attention (a key/value head read by several
+    query heads) is pruned by. ``"kv"`` (default): a unit is a KV head with the
+    query heads reading it, so the ratio Hq / Hkv is kept. ``"query"``: the KV
+    heads are kept (their k/v projections' rows are in no prunable group) and
+    query heads go one by one, as a group with ``blocks`` = Hkv (every KV head
+    keeps the same number of query heads, as GQA needs) and ``zeroes_inputs``
+    (a masked query head still reads its KV head, so masking also zeroes its
+    output projection's columns). Removal then changes Hq / Hkv: a module that
+    holds that ratio as an attribute must declare it
+    (:func:`~pyprune_ext.graph.register_size_attribute`; Hugging Face's
+    ``num_key_value_groups`` is declared).
+
     The model is traced with torch.fx; if that fails (data-dependent control
     flow), it is traced by running it, with a ``GraphAnalysisWarning``. Ops the
     analysis does not understand make the channels through them unprunable,
     also with a warning. Groups come in graph order.
     """
+    gqa = checked_gqa(gqa)
     ignored_ids = _ignored_ids(model, ignore)
     traced = trace_model(model, example_inputs, ignored_ids)
     names = {id(m): n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     ignored = {names[i] for i in ignored_ids}
-    an = analyse(model, traced.graph, ignored)
+    an = analyse(model, traced.graph, ignored, gqa)
     _block_shared_weights(an, model)
     if traced.by_execution:
         _warn_unexecuted(model, an)
@@ -146,10 +162,11 @@ def _components(el: Elements, order: dict[str, int]):
 def bundle(an: Analyzer, model: nn.Module) -> list[ChannelGroup]:
     """Components with the same members at consecutive offsets become one group."""
     el = an.elements
+    kv_read = _join_kv_reads(an)
     buckets = defaultdict(list)
     for root, (signature, offsets) in _components(el, an.first_seen).items():
         key = (signature, tuple(sorted(el.blocked.get(root, ()))), tuple(sorted(el.inexact.get(root, ()))),
-               tuple(sorted(el.renorm.get(root, {}).items())))
+               tuple(sorted(el.renorm.get(root, {}).items())), root in el.zeroes_inputs)
         buckets[key].append((offsets, root))
     runs = []
     for key, items in buckets.items():
@@ -161,11 +178,46 @@ def bundle(an: Analyzer, model: nn.Module) -> list[ChannelGroup]:
                 start = i
     runs.sort(key=lambda r: r[0])
     modules = dict(model.named_modules())
-    return [_make_group(an, modules, key, items) for _, key, items in runs]
+    return [_make_group(an, modules, key, items, kv_read) for _, key, items in runs]
 
 
-def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
-    (signature, blocked, inexact, renorm), offsets = key, items[0][0]
+def _join_kv_reads(an: Analyzer) -> dict[int, int]:
+    """gqa="query": query head component -> the KV head component it reads. The
+    K and V heads one query head reads are joined (both are kept), so each query
+    head reads one component. Empty in the default mode."""
+    el = an.elements
+    read_by = defaultdict(list)
+    for query, kv in an.kv_reads:
+        for q, k in zip(query.tolist(), kv.tolist()):
+            read_by[el.find(q)].append(k)
+    for kvs in read_by.values():
+        for k in kvs[1:]:
+            el.union(kvs[0], k)
+    return {el.find(q): el.find(kvs[0]) for q, kvs in read_by.items()}
+
+
+def _query_blocks(kv_read: dict[int, int], roots: list[int]) -> tuple[int, str | None]:
+    """(blocks, why not prunable) of a group whose channels are the components
+    ``roots``, in channel order: query heads reading shared KV heads must form
+    consecutive equal runs, one per KV head, holding all of that head's readers
+    (then removal can keep the same count per KV head); 1 block otherwise."""
+    reads = [kv_read.get(root) for root in roots]
+    if all(kv is None for kv in reads):
+        return 1, None
+    runs = [(kv, len(list(run))) for kv, run in itertools.groupby(reads)]
+    readers = Counter(kv_read.values())
+    heads_per_kv = runs[0][1]
+    if (any(kv is None or count != heads_per_kv or readers[kv] != count for kv, count in runs)
+            or len({kv for kv, _ in runs}) != len(runs)):
+        return 1, ("gqa='query': its query heads do not read their key/value heads in equal consecutive runs "
+                   "(query head p reading KV head p // (Hq / Hkv)), so no removal keeps the attention grouped")
+    return len(runs), None
+
+
+def _make_group(an: Analyzer, modules, key, items, kv_read: dict[int, int]) -> ChannelGroup:
+    (signature, blocked, inexact, renorm, zeroes_inputs), offsets = key, items[0][0]
+    blocks, unblockable = _query_blocks(kv_read, [root for _, root in items])
+    blocked = blocked + ((unblockable,) if unblockable else ())
     members = [Member(name, role, offset, span, dim=an.tensor_dims.get(name) if role == "tensor" else None)
                for (name, role, span), offset in zip(signature, offsets)]
     residual = any(root in an.elements.residual for _, root in items)
@@ -176,7 +228,7 @@ def _make_group(an: Analyzer, modules, key, items) -> ChannelGroup:
         name=_group_name(members, residual, len(items), modules),
         exact_reason="; ".join(list(inexact) + [reason for _, reason in renorm]) or None,
         masked_norms=tuple(norm for norm, _ in renorm), exact_with_masked_norms=bool(renorm) and not inexact,
-        extents=tuple(member_length(modules, m) for m in members))
+        extents=tuple(member_length(modules, m) for m in members), blocks=blocks, zeroes_inputs=zeroes_inputs)
 
 
 def _gates(an: Analyzer, members: list[Member], attention: bool = False) -> tuple[list[Gate], list[Member]]:

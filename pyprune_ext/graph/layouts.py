@@ -78,6 +78,9 @@ class Elements:
     renorm: dict[int, dict[str, str]] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     attention: set[int] = field(default_factory=set)  # components that are attention heads
+    # components whose masked values are not zero but only reach layers' input columns, which
+    # masking then zeroes too (query heads reading a kept KV head, gqa="query")
+    zeroes_inputs: set[int] = field(default_factory=set)
     # (module name, role, position along the module axis) -> element
     members: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ class Elements:
         for table in (self.blocked, self.inexact, self.renorm):
             if rb in table:
                 table.setdefault(ra, {}).update(table.pop(rb))
-        for flagged in (self.residual, self.attention):
+        for flagged in (self.residual, self.attention, self.zeroes_inputs):
             if rb in flagged:
                 flagged.discard(rb)
                 flagged.add(ra)
@@ -150,6 +153,11 @@ class Elements:
         input of the layer that consumes the heads' output)."""
         for e in np.asarray(ids).tolist():
             self.attention.add(self.find(int(e)))
+
+    def mark_zeroes_inputs(self, ids) -> None:
+        """Masking the components of ``ids`` must also zero their consumers' input columns."""
+        for e in np.asarray(ids).tolist():
+            self.zeroes_inputs.add(self.find(int(e)))
 
     def attach(self, name: str, role: str, ids: np.ndarray) -> None:
         """Module ``name``'s axis ``role`` position ``p`` carries element ``ids[p]``.

@@ -40,6 +40,8 @@ class SizeAttribute:
     attribute: str
     compute: Callable[[nn.Module], int]
     child: str | None = None
+    # refreshed only on modules that hold it: a library class that has it in some releases only
+    present_only: bool = False
 
 
 _REGISTRY: dict[type, list[SizeAttribute]] = {}
@@ -54,8 +56,23 @@ def _gpt2_attention_sizes() -> list[SizeAttribute]:
             SizeAttribute("num_heads", lambda module: split_size(module) // module.head_dim)]
 
 
+def _grouped_query_attention_sizes() -> list[SizeAttribute]:
+    # Llama-like attention repeats K/V num_key_value_groups times (repeat_kv, or sdpa's enable_gqa
+    # when it is > 1): pruning query heads within their KV groups (gqa="query") changes it
+    def query_heads(module):
+        return module.q_proj.out_features // module.head_dim
+
+    def kv_heads(module):
+        return module.k_proj.out_features // module.head_dim
+    return [SizeAttribute("num_key_value_groups", lambda module: query_heads(module) // kv_heads(module)),
+            SizeAttribute("num_heads", query_heads, present_only=True),
+            SizeAttribute("num_key_value_heads", kv_heads, present_only=True)]
+
+
 _LIBRARY: dict[tuple[str, str], Callable[[], list[SizeAttribute]]] = {
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"): _gpt2_attention_sizes,
+    **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}Attention"): _grouped_query_attention_sizes
+       for name, prefix in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))},
     # torchvision's ViT reshapes the patch embedding with x.reshape(n, self.hidden_dim, n_h * n_w)
     ("torchvision.models.vision_transformer", "VisionTransformer"):
         lambda: [SizeAttribute("hidden_dim", lambda module: module.conv_proj.out_channels, child="conv_proj")],
@@ -125,4 +142,6 @@ def refresh_sizes(model: nn.Module) -> None:
     """Recomputes every declared size from the layers (after ``remove_channels``)."""
     for module in model.modules():
         for declared in size_attributes_of(module):
+            if declared.present_only and not hasattr(module, declared.attribute):
+                continue
             setattr(module, declared.attribute, int(declared.compute(module)))

@@ -78,6 +78,17 @@ class ChannelGroup:
     take their statistics over the kept channels (what TaylorPruner does).
     ``extents`` holds, per member, the length of the module axis when the
     analysis ran; ``remove_channels`` uses it to reject stale groups.
+
+    ``blocks``: the channels are that many consecutive blocks of equal size, and
+    every block must keep as many channels as the others. The query heads of
+    grouped-query attention analysed with ``gqa="query"`` are such a group: block
+    ``b`` holds the query heads reading key/value head ``b``, and standard GQA
+    (query head ``p`` reads KV head ``p // (Hq // Hkv)``) needs the same number of
+    query heads per KV head. Which channels of a block go is free.
+    ``zeroes_inputs``: masking also zeroes the consumers' input columns (the
+    ``"in"`` members), because the masked channels' values are not zero (a masked
+    query head still attends to its kept KV head); removal drops those columns, so
+    masking them is exact.
     """
 
     size: int
@@ -93,6 +104,8 @@ class ChannelGroup:
     masked_norms: tuple[str, ...] = ()
     # exact once masked_norms skip the masked channels (nothing else makes masking inexact)
     exact_with_masked_norms: bool = False
+    blocks: int = 1
+    zeroes_inputs: bool = False
 
     def members_with_role(self, *roles: str) -> list[Member]:
         """The members whose role is one of ``roles``."""

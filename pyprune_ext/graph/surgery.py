@@ -74,9 +74,26 @@ def _checked_plan(model, groups, keep) -> list[tuple[int, ChannelGroup, Tensor]]
         if not group.prunable:
             raise ValueError(f"{label} is not prunable: {group.reason}")
         index = _channel_index(kept, group, f"keep[{i}]", allow_empty=False)
+        _check_blocks(index, group, label)
         _check_members(model, group, label)
         plan.append((i, group, index))
     return plan
+
+
+def kept_per_block(kept: Tensor, group: ChannelGroup) -> list[int]:
+    """How many of the channels ``kept`` fall in each of the group's ``blocks``."""
+    return torch.bincount(kept // (group.size // group.blocks), minlength=group.blocks).tolist()
+
+
+def _check_blocks(kept: Tensor, group: ChannelGroup, label: str) -> None:
+    """A group of several blocks (query heads per KV head) must keep as many channels in each."""
+    if group.blocks == 1:
+        return
+    counts = kept_per_block(kept, group)
+    if len(set(counts)) > 1:
+        raise ValueError(f"{label} has {group.blocks} blocks of {group.size // group.blocks} channels (query heads "
+                         f"per key/value head) and each must keep as many, but the kept channels leave "
+                         f"{', '.join(map(str, counts))} in them")
 
 
 def member_positions(m: Member, channels: Tensor) -> Tensor:
@@ -205,7 +222,8 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: Mapping[
     running statistics (same dtype/device/requires_grad/training mode; a
     MaskedConv2d/MaskedLinear keeps its mask). The whole plan is checked before
     anything changes: ValueError for an index or channel out of range, repeated
-    channels, an empty keep, an unprunable group, overlapping or stale groups.
+    channels, an empty keep, an unprunable group, overlapping or stale groups, a
+    group of several ``blocks`` (query heads per KV head) left with unequal blocks.
     Old groups are stale afterwards: call ``dependency_groups`` again. Returns
     ``model``. Optimizers built on the old parameters must be rebuilt.
     """
@@ -253,17 +271,19 @@ def zero_channels(model: nn.Module, group: ChannelGroup, channels) -> None:
         if index.numel() == 0:
             continue
         module, spec = member_layer(model, m)
-        for param, dim, positions in zeroed_entries(module, m.role, member_positions(m, index), spec):
+        for param, dim, positions in zeroed_entries(module, m.role, member_positions(m, index), spec,
+                                                    inputs=group.zeroes_inputs):
             param.index_fill_(dim, positions.to(param.device), 0)
 
 
 def zeroed_entries(module: nn.Module, role: str, positions: Tensor,
-                   spec: LayerSpec | None = None) -> list[tuple[Tensor, int, Tensor]]:
+                   spec: LayerSpec | None = None, *, inputs: bool = False) -> list[tuple[Tensor, int, Tensor]]:
     """(parameter, dim, index) that masking ``positions`` of ``module``'s axis
     ``role`` zeroes: the axis's parameters (buffers such as running statistics
     are left alone), or nothing for a role that does not zero. ``spec``: the
-    member's (:func:`~pyprune_ext.graph.specs.member_layer`), default the module's."""
-    if not ROLES[role].zeroes:
+    member's (:func:`~pyprune_ext.graph.specs.member_layer`), default the module's.
+    ``inputs``: an ``"in"`` axis zeroes too (``ChannelGroup.zeroes_inputs``)."""
+    if not (ROLES[role].zeroes or (inputs and role == "in")):
         return []
     spec = spec or spec_for(module)
     return [(t, dim, index) for name, t, dim, index in spec.entries(module, role, positions)

@@ -12,9 +12,10 @@ from .module_rules import visit_module
 from .recording import VALUE
 
 
-def analyse(model: nn.Module, graph: fx.Graph, ignored: set[str]) -> Analyzer:
-    """The analysis of ``graph`` (traced from ``model``, values recorded)."""
-    an = Analyzer(model, graph, ignored)
+def analyse(model: nn.Module, graph: fx.Graph, ignored: set[str], gqa: str = "kv") -> Analyzer:
+    """The analysis of ``graph`` (traced from ``model``, values recorded); ``gqa``:
+    see ``attention.GQA_MODES``."""
+    an = Analyzer(model, graph, ignored, gqa)
     for node in graph.nodes:
         meta = node.meta.get(VALUE)
         if node.op == "placeholder":
