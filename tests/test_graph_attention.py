@@ -15,7 +15,7 @@ import copy
 
 from pyprune_ext.graph import (dependency_groups, register_size_attribute, remove_channels,
                                unregister_size_attribute, zero_channels)
-from pyprune_ext.taylor import Target, TaylorPruner
+from pyprune_ext.taylor import Importance, Target, TaylorPruner
 
 from test_graph_layers import assert_removed_equals_masked, relative_difference
 from pruning_loop import finalize_and_compare, train_until_done
@@ -252,6 +252,91 @@ def test_taylor_prunes_heads_and_neurons_then_finalize_equals_masked():
     assert difference <= 1e-5
     report = pruner.report()
     assert report.params_after < report.params_before
+
+
+class FixedScores(Importance):
+    """Scores set by hand: ``scores[group name]``, ``default`` for every other channel."""
+
+    def __init__(self, groups, scores: dict, default: float = 100.0):
+        self.values = [torch.tensor(scores[g.name], dtype=torch.float64) if g.name in scores
+                       else torch.full((g.size,), default, dtype=torch.float64) for g in groups]
+
+    def end_minibatch(self):
+        return True
+
+    def means(self):
+        return self.values
+
+
+def test_taylor_gqa_query_ranks_one_query_head_per_kv_head_by_their_mean(declared_heads):
+    """8 query heads on 2 KV heads: a unit is the lowest live head of each block (here heads 1
+    and 4, not the same slot), scored by their mean 1.5, which beats an MLP neuron at 1.6
+    (their sum, 3, would not); the step's third channel is then that neuron."""
+    torch.manual_seed(0)
+    model, x = GPT(heads=8, kv_heads=2), tokens()
+    groups = dependency_groups(model.eval(), x, gqa="query")
+    heads, fc = "blocks.0.attn.q", "blocks.0.fc"
+    assert {heads, fc} <= {g.name for g in groups}
+    scores = FixedScores(groups, {heads: [5.0, 1.0, 7.0, 3.0, 2.0, 9.0, 4.0, 8.0], fc: [1.6] + [50.0] * 47})
+    pruner = TaylorPruner(model, x, scores, groups=groups, target=Target.channels(3), prune_per_step=3, momentum=0)
+    step = pruner.prune_now()
+    assert step.removed == {heads: 2, fc: 1} and pruner.done
+    alive = {groups[i].name: a for i, a in pruner.alive.items()}
+    assert alive[heads].logical_not().nonzero().flatten().tolist() == [1, 4]
+    assert alive[fc].logical_not().nonzero().flatten().tolist() == [0]
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x))
+    assert difference <= 1e-4
+    attn = small.blocks[0].attn
+    assert (attn.q.out_features, attn.k.out_features, attn.o.in_features, attn.heads) == (24, 8, 24, 6)
+
+
+def test_taylor_gqa_query_round_to_rounds_whole_units(declared_heads):
+    """round_to=3 with 2 KV heads of 4 query heads: the count per KV head is rounded (to 3, a
+    multiple of round_to in total too), by whole units, so the blocks stay equal; rounding the
+    total alone would drop the two lowest heads, 1 and 2, both of the first KV head."""
+    model, x = GPT(heads=8, kv_heads=2), tokens()
+    groups = dependency_groups(model.eval(), x, gqa="query")
+    heads = "blocks.0.attn.q"
+    scores = FixedScores(groups, {heads: [5.0, 1.0, 2.0, 3.0, 6.0, 9.0, 4.0, 8.0]})
+    pruner = TaylorPruner(model, x, scores, groups=groups, target=Target.channels(2), prune_per_step=2, round_to=3,
+                          momentum=0, max_fraction=lambda g: 0.5 if g.name == heads else 0.0)
+    (index,) = pruner.prunable
+    assert groups[index].name == heads and pruner._floor[index] == 6  # lcm(2 blocks, round_to 3)
+    pruner.prune_now()
+    assert pruner.alive[index].logical_not().nonzero().flatten().tolist() == [1, 6]
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_taylor_gqa_query_prunes_query_heads_and_every_kv_head_keeps_as_many(scope, declared_heads):
+    torch.manual_seed(0)
+    model, x = GPT(heads=8, kv_heads=2, kind="sdpa_gqa"), tokens(batch=4)
+    labels = tokens(batch=4, seed=1)
+    pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(6), every=1, prune_per_step=2, gqa="query",
+                          scope=scope, max_fraction=lambda g: 0.5 if g.name.endswith("attn.q") else 0.0)
+    heads = [i for i in pruner.prunable if pruner.groups[i].blocks == 2]
+    assert len(heads) == 2 and all(pruner.groups[i].zeroes_inputs for i in heads)
+    train_until_done(pruner, model, lambda m: F.cross_entropy(m(x).flatten(0, 1), labels.flatten()), lr=0.05)
+    for i in heads:  # the masks keep as many query heads per KV head at every step
+        assert len(set(pruner.alive[i].view(2, 4).sum(1).tolist())) == 1
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x))
+    assert difference <= 1e-4
+    removed = pruner.channels_removed  # local: every group loses a whole unit per step, which may overshoot
+    assert removed == 6 if scope == "global" else removed >= 6
+    kept = [b.attn.heads for b in small.blocks]
+    assert sum(kept) == 16 - removed and all(h % 2 == 0 for h in kept)
+    assert all(b.attn.k.out_features == b.attn.v.out_features == 8 for b in small.blocks)  # KV heads kept
+
+
+def test_taylor_gqa_query_refuses_a_step_smaller_than_a_unit_and_bad_options():
+    model, x = GPT(heads=4, kv_heads=2), tokens()
+    only_heads = lambda g: 0.5 if g.name.endswith("attn.q") else 0.0  # noqa: E731
+    with pytest.raises(ValueError, match=r"prune_per_step \(1\) is smaller than the 2 query heads group "
+                                         r"'blocks.0.attn.q' loses at once"):
+        TaylorPruner(model, x, target=Target.channels(2), prune_per_step=1, gqa="query", max_fraction=only_heads)
+    with pytest.raises(ValueError, match="gqa must be one of 'kv', 'query'.*got 'q'"):
+        TaylorPruner(model, x, target=Target.channels(2), gqa="q")
+    with pytest.raises(ValueError, match="with precomputed groups= pass it to dependency_groups"):
+        TaylorPruner(model, x, target=Target.channels(2), gqa="query", groups=dependency_groups(model.eval(), x))
 
 
 def rotate_half(x):

@@ -25,15 +25,15 @@ from pruning_loop import finalize_and_compare, train_until_done  # noqa: E402
 VOCAB, SEQ = 64, 7
 
 
-def llama(heads=4, kv_heads=2):
+def llama(heads=4, kv_heads=2, hidden=32):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, max_position_embeddings=32))
 
 
-def qwen2(heads=4, kv_heads=2):
+def qwen2(heads=4, kv_heads=2, hidden=32):
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, max_position_embeddings=32))
 
 
@@ -157,6 +157,36 @@ def test_taylor_prunes_uniformly_and_the_config_round_trips(make, tmp_path):
     assert small.config.head_dim == 4
     report = pruner.report()
     assert report.params_after < report.params_before
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, use_cache=False).logits, small(x, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("make", [llama, qwen2], ids=["llama", "qwen2"])
+def test_taylor_gqa_query_prunes_query_heads_within_kv_groups_and_the_config_round_trips(make, tmp_path):
+    """gqa="query": 8 query heads on 2 KV heads (head_dim 6); a quarter of the query heads go,
+    one per KV head, in both layers alike; num_key_value_groups follows (4 -> 3), the config
+    gets 6 attention heads and keeps its 2 KV heads."""
+    torch.manual_seed(0)
+    model = make(heads=8, kv_heads=2, hidden=48)
+    x, labels = tokens(batch=4), tokens(batch=4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphAnalysisWarning)
+        pruner = TaylorPruner(model, x, "fo_gate", target=Target.channels(2 * 2), every=1, prune_per_step=4,
+                              gqa="query", uniform=True,
+                              max_fraction=lambda g: 0.25 if g.name.endswith("self_attn.q_proj") else 0.0)
+    heads = [pruner.groups[i] for i in pruner.prunable]
+    assert [(g.size, g.blocks, g.zeroes_inputs) for g in heads] == [(8, 2, True), (8, 2, True)]
+    train_until_done(pruner, model, lambda m: lm_loss(m, x, labels))
+    small, difference = finalize_and_compare(pruner, model, lambda m: m(x, use_cache=False).logits)
+    assert difference <= 1e-4
+    attention = [layer.self_attn for layer in small.model.layers]
+    assert [(a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features, a.o_proj.in_features,
+             a.num_key_value_groups) for a in attention] == [(36, 12, 12, 36, 3)] * 2
+    changed = hf.update_config(small)
+    assert {k: v for k, v in changed.items() if k != "head_dim"} == {"num_attention_heads": (8, 6)}
+    assert (small.config.num_key_value_heads, small.config.head_dim) == (2, 6)
     small.save_pretrained(tmp_path)
     reloaded = type(small).from_pretrained(tmp_path).eval()
     with torch.no_grad():

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from .. import distributed as dist_utils
 from ..cost import ModelCost, count_cost
 from ..graph import dependency_groups, remove_channels
+from ..graph.attention import checked_gqa
 from ..graph.specs import member_layer
 from ..graph.surgery import member_positions, zeroed_entries
 from ..nn.attention import convert as convert_attention
@@ -97,15 +98,19 @@ class Target:
 
 def _floor(group, max_fraction, round_to: int) -> int:
     """The fewest channels ``group`` may keep: one (``round_to`` where it has that
-    many), and at least ``1 - max_fraction`` of them."""
-    floor = round_to if group.size >= round_to else 1
+    many), and at least ``1 - max_fraction`` of them; for a group of several
+    ``blocks`` (query heads per KV head) a count every block can keep alike: one
+    per block, and a multiple of ``blocks`` (and of ``round_to``)."""
+    blocks = group.blocks
+    floor = math.lcm(blocks, round_to) if group.size >= round_to else blocks
     if max_fraction is None:
         return floor
     fraction = max_fraction(group) if callable(max_fraction) else max_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"max_fraction must be a fraction in [0, 1] (or a function of the group returning one), "
                          f"got {fraction!r} for group '{group.name}'")
-    return max(floor, group.size - math.floor(fraction * group.size + 1e-9))
+    least = group.size - math.floor(fraction * group.size + 1e-9)
+    return max(floor, blocks * math.ceil(least / blocks))  # never prune more than the fraction
 
 
 NORMALIZATIONS = ("l2", "macs", "params")
@@ -130,7 +135,8 @@ def alike_groups(groups, indices) -> list[list[int]]:
     classes: dict[tuple, list[int]] = {}
     for i in indices:
         g = groups[i]
-        key = (g.size, tuple(sorted((re.sub(r"\.\d+(?=\.|$)", ".*", m.name), m.role, m.span) for m in g.members)))
+        key = (g.size, g.blocks,
+               tuple(sorted((re.sub(r"\.\d+(?=\.|$)", ".*", m.name), m.role, m.span) for m in g.members)))
         classes.setdefault(key, []).append(i)
     return list(classes.values())
 
@@ -197,6 +203,16 @@ class TaylorPruner:
             importance within a cost budget.
         square_then_sum: ``fo_weight`` only: sum of squares instead of square of sum.
         groups: precomputed :func:`pyprune_ext.graph.dependency_groups` (optional).
+        gqa: grouped-query attention's unit (see
+            :func:`~pyprune_ext.graph.dependency_groups`): ``"kv"`` (default), a KV
+            head with its query heads; ``"query"``, query heads one by one with the
+            KV heads kept and the same number of query heads kept per KV head. The
+            ranking then removes, from such a group of Hkv blocks, the lowest-scored
+            live query head of every block at once, scored by their mean (the unit
+            takes Hkv channels of the step's budget, like Hkv channels, so its score
+            per channel is what competes, also per MAC with ``normalize="macs"``);
+            ``max_fraction`` and ``round_to`` are met with whole such units.
+            ``prune_per_step`` must be at least Hkv.
         max_fraction: the largest fraction of each group that may be pruned: a
             float, or a function of the :class:`~pyprune_ext.graph.ChannelGroup`
             (e.g. 0.25 for attention heads, 0.3 for MLP neurons; 0 leaves a group alone).
@@ -220,7 +236,7 @@ class TaylorPruner:
     def __init__(self, model: nn.Module, example_inputs, importance=None, *, criterion=None, target=None,
                  prune_per_step: int | None = None, every: int = 30, ignore: Iterable[nn.Module] = (),
                  round_to: int = 1, scope: str = "global", momentum: float = 0.9, normalize: bool | str = False,
-                 square_then_sum: bool = False, groups: Sequence | None = None,
+                 square_then_sum: bool = False, groups: Sequence | None = None, gqa: str = "kv",
                  max_fraction=None, uniform: bool = False,
                  distributed: bool | None = None, process_group=None):
         if importance is not None and criterion is not None:
@@ -245,7 +261,11 @@ class TaylorPruner:
         # projection as a function, where a head's gate cannot observe it: switch to pyprune_ext's
         # (same parameters and outputs)
         self.converted_attention = convert_attention(model)
-        self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore)
+        if groups is not None and checked_gqa(gqa) != "kv":
+            raise ValueError("TaylorPruner: gqa= chooses how dependency_groups analyses the model; with precomputed "
+                             "groups= pass it to dependency_groups(..., gqa=...) instead")
+        self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore,
+                                                                                gqa=gqa)
         self.prunable = [i for i, g in enumerate(self.groups)
                          if g.prunable and (g.exact_masking or g.exact_with_masked_norms)]
         self._floor = {i: _floor(self.groups[i], max_fraction, round_to) for i in self.prunable}
@@ -258,6 +278,11 @@ class TaylorPruner:
         self.prune_per_step = prune_per_step if prune_per_step is not None else max(1, round(0.02 * total))
         if self.prune_per_step < 1:
             raise ValueError(f"prune_per_step must be >= 1, got {prune_per_step}")
+        widest = max(self.prunable, key=lambda i: self.groups[i].blocks)
+        if self.prune_per_step < self.groups[widest].blocks:
+            raise ValueError(f"prune_per_step ({self.prune_per_step}) is smaller than the {self.groups[widest].blocks} "
+                             f"query heads group '{self.groups[widest].name}' loses at once (one per key/value head, "
+                             "gqa='query'): it could never be pruned")
         device = next(model.parameters()).device
         self.alive = {i: torch.ones(self.groups[i].size, dtype=torch.bool) for i in self.prunable}
         if importance is None:
@@ -365,20 +390,37 @@ class TaylorPruner:
             chosen = self._round_counts(chosen, scores)
         return {i: c for i, c in chosen.items() if c}
 
+    def _removal_units(self, i: int, scores) -> list[tuple[float, list[int]]]:
+        """Group ``i``'s live channels as the units the ranking removes, lowest score
+        first: (score, channels). A unit is one channel, except in a group of several
+        ``blocks`` (query heads per KV head, gqa="query"), whose k-th unit is the k-th
+        lowest live channel of every block, so removing whole units keeps the blocks
+        equal. Such a unit scores the mean of its channels: it takes ``blocks``
+        channels of the step's budget, so its score per channel is what competes
+        (and with normalize="macs" the mean of per-MAC scores is the unit's
+        importance per MAC)."""
+        group = self.groups[i]
+        order = [c for c in torch.argsort(scores[i], stable=True).tolist() if self.alive[i][c]]
+        if group.blocks == 1:
+            return [(float(scores[i][c]), [c]) for c in order]
+        width = group.size // group.blocks
+        per_block = [[c for c in order if c // width == b] for b in range(group.blocks)]
+        return [(float(scores[i][list(unit)].mean()), list(unit)) for unit in zip(*per_block)]
+
     def _choose_global(self, scores) -> dict[int, list[int]]:
-        candidates = sorted((float(scores[i][c]), i, c) for i in self.prunable
-                            for c in self.alive[i].nonzero().flatten().tolist())
+        candidates = sorted((score, i, k, unit) for i in self.prunable
+                            for k, (score, unit) in enumerate(self._removal_units(i, scores)))
         chosen: dict[int, list[int]] = {}
         alive = {i: int(self.alive[i].sum()) for i in self.prunable}
         budget = self._step_budget()
-        for _, i, c in candidates:
+        for _, i, _, unit in candidates:
             if budget == 0:
                 break
-            if alive[i] - 1 < self._min_alive(i):
+            if len(unit) > budget or alive[i] - len(unit) < self._min_alive(i):
                 continue
-            chosen.setdefault(i, []).append(c)
-            alive[i] -= 1
-            budget -= 1
+            chosen.setdefault(i, []).extend(unit)
+            alive[i] -= len(unit)
+            budget -= len(unit)
             if self.target.kind != "channels" and self._target_reached(extra=chosen):
                 break
         return chosen
@@ -386,10 +428,10 @@ class TaylorPruner:
     def _choose_uniform(self, scores) -> dict[int, list[int]]:
         """Global ranking over classes of alike groups (the same layer in every
         block): a class's next candidate is the mean of its groups' lowest live
-        scores, and taking it removes one channel from each of its groups, so
-        alike groups keep equal sizes (a Hugging Face config then still fits)."""
-        order = {i: [c for c in torch.argsort(scores[i], stable=True).tolist() if self.alive[i][c]]
-                 for i in self.prunable}
+        scores (removal units, see ``_removal_units``), and taking it removes one
+        unit from each of its groups, so alike groups keep equal sizes (a Hugging
+        Face config then still fits)."""
+        units = {i: self._removal_units(i, scores) for i in self.prunable}
         taken = {i: 0 for i in self.prunable}
         alive = {i: int(self.alive[i].sum()) for i in self.prunable}
         chosen: dict[int, list[int]] = {}
@@ -397,18 +439,19 @@ class TaylorPruner:
         while budget > 0:
             best = None
             for members in self._alike:
-                if len(members) > budget or any(alive[i] - 1 < self._min_alive(i) for i in members):
+                width = sum(self.groups[i].blocks for i in members)  # channels one candidate removes
+                if width > budget or any(alive[i] - self.groups[i].blocks < self._min_alive(i) for i in members):
                     continue
-                mean = sum(float(scores[i][order[i][taken[i]]]) for i in members) / len(members)
+                mean = sum(units[i][taken[i]][0] for i in members) / len(members)
                 if best is None or mean < best[0]:
-                    best = (mean, members)
+                    best = (mean, members, width)
             if best is None:
                 break
             for i in best[1]:
-                chosen.setdefault(i, []).append(order[i][taken[i]])
+                chosen.setdefault(i, []).extend(units[i][taken[i]][1])
                 taken[i] += 1
-                alive[i] -= 1
-            budget -= len(best[1])
+                alive[i] -= self.groups[i].blocks
+            budget -= best[2]
             if self.target.kind != "channels" and self._target_reached(extra=chosen):
                 break
         return chosen
@@ -418,26 +461,30 @@ class TaylorPruner:
         fraction = min(1.0, self._step_budget() / max(alive_total, 1))
         chosen = {}
         for i in self.prunable:
-            live = self.alive[i].nonzero().flatten()
-            count = min(math.ceil(fraction * len(live)), len(live) - self._min_alive(i))
+            units = self._removal_units(i, scores)
+            spare = (int(self.alive[i].sum()) - self._min_alive(i)) // self.groups[i].blocks
+            count = min(math.ceil(fraction * len(units)), spare)
             if count > 0:
-                order = torch.argsort(scores[i][live], stable=True)[:count]
-                chosen[i] = live[order].tolist()
+                chosen[i] = [c for _, unit in units[:count] for c in unit]
         return chosen
 
     def _round_counts(self, chosen, scores) -> dict[int, list[int]]:
         """Adjusts each group's removal so its live count is a multiple of round_to
-        (nearest multiple, never below round_to)."""
+        (nearest multiple, never below round_to). A group of several blocks rounds
+        the count per block to a multiple of ``quantum``, which makes the total a
+        multiple of round_to, and removes whole units (``_removal_units``)."""
         rounded = {}
         for i, picked in chosen.items():
-            live = self.alive[i].nonzero().flatten()
-            if self.groups[i].size < self.round_to:
+            group = self.groups[i]
+            if group.size < self.round_to:
                 rounded[i] = picked
                 continue
-            remaining = len(live) - len(picked)
-            keep = max(self.round_to, int(round(remaining / self.round_to)) * self.round_to)
-            order = live[torch.argsort(scores[i][live], stable=True)]
-            rounded[i] = order[:max(len(live) - keep, 0)].tolist()
+            quantum = self.round_to // math.gcd(group.blocks, self.round_to)
+            live = int(self.alive[i].sum()) // group.blocks  # per block
+            remaining = live - len(picked) // group.blocks
+            keep = max(quantum, int(round(remaining / quantum)) * quantum)
+            units = self._removal_units(i, scores)
+            rounded[i] = [c for _, unit in units[:max(live - keep, 0)] for c in unit]
         return rounded
 
     def _step_budget(self) -> int:
@@ -454,7 +501,9 @@ class TaylorPruner:
         for member in group.members:
             positions = member_positions(member, index)
             module, spec = member_layer(self._modules, member)
-            for param, dim, entries in zeroed_entries(module, member.role, positions, spec):
+            # a zeroes_inputs group (query heads reading kept KV heads) zeroes its consumers' columns too
+            for param, dim, entries in zeroed_entries(module, member.role, positions, spec,
+                                                      inputs=group.zeroes_inputs):
                 self._zeros.add_indices(param, dim, entries)
             if member.role == "norm" and member.name in self._norm_masks.keep:
                 self._norm_masks.mask(member.name, positions)
@@ -547,12 +596,13 @@ class TaylorPruner:
         self.done = True
 
 
-def apply_plan(model: nn.Module, example_inputs, plan: dict[str, list[int]]) -> nn.Module:
+def apply_plan(model: nn.Module, example_inputs, plan: dict[str, list[int]], gqa: str = "kv") -> nn.Module:
     """Removes channels from ``model`` (in place) as ``plan`` (from
     :meth:`TaylorPruner.plan`) says, e.g. to rebuild a pruned architecture from
-    a fresh model before loading the pruned model's ``state_dict``."""
+    a fresh model before loading the pruned model's ``state_dict``. ``gqa``: the
+    pruner's (the groups a plan names depend on it)."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    groups = dependency_groups(model, inputs)
+    groups = dependency_groups(model, inputs, gqa=gqa)
     index = {g.name: i for i, g in enumerate(groups)}
     unknown = sorted(set(plan) - set(index))
     if unknown:
