@@ -6,7 +6,10 @@ rebuild the unpruned shapes. :func:`update_config` writes the pruned sizes
 back into the config (``hidden_size``, ``num_attention_heads``,
 ``num_key_value_heads``, ``intermediate_size``, with ``head_dim`` made explicit). A config holds one
 size per model, so every layer must have been pruned alike: prune with
-``TaylorPruner(..., uniform=True)``. BERT and GPT-2 configs have no ``head_dim``
+``TaylorPruner(..., uniform=True)``. Query heads pruned within their KV groups
+(``gqa="query"``) change ``num_attention_heads`` only: the KV heads are kept, and
+the attention's ``num_key_value_groups`` is recomputed on removal (a size declared in
+:mod:`pyprune_ext.graph.sizes`). BERT and GPT-2 configs have no ``head_dim``
 (they derive it from ``hidden_size / num_attention_heads``): for them only the
 MLP size can change, and pruned heads are refused by name.
 
