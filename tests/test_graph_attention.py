@@ -15,7 +15,7 @@ import copy
 
 from pyprune_ext.graph import (dependency_groups, register_size_attribute, remove_channels,
                                unregister_size_attribute, zero_channels)
-from pyprune_ext.taylor import Importance, Target, TaylorPruner
+from pyprune_ext.taylor import Importance, Target, TaylorPruner, apply_plan
 
 from test_graph_layers import assert_removed_equals_masked, relative_difference
 from pruning_loop import finalize_and_compare, train_until_done
@@ -288,6 +288,10 @@ def test_taylor_gqa_query_ranks_one_query_head_per_kv_head_by_their_mean(declare
     assert difference <= 1e-4
     attn = small.blocks[0].attn
     assert (attn.q.out_features, attn.k.out_features, attn.o.in_features, attn.heads) == (24, 8, 24, 6)
+    fresh = apply_plan(GPT(heads=8, kv_heads=2).eval(), x, pruner.plan(), gqa="query")  # the plan names the group
+    fresh.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), small(x))
 
 
 def test_taylor_gqa_query_round_to_rounds_whole_units(declared_heads):

@@ -118,8 +118,8 @@ def _product_with_shared_kv(an, a: Tracked, b: Tracked, out_dim: int, meta) -> T
     """``q @ k^T`` or ``weights @ v`` over heads, where one factor holds repeated KV
     heads, with gqa="query": the output carries the query heads, not coupled to
     the KV heads. None when that is not the case (the caller couples the heads)."""
-    if a.size != meta.shape[out_dim] or b.size != meta.shape[out_dim]:
-        return None  # broadcast over the heads
+    if an.gqa != "query" or a.size != meta.shape[out_dim] or b.size != meta.shape[out_dim]:
+        return None  # the default mode, or broadcast over the heads
     query, kv = (a, b) if len(np.unique(b.ids)) < len(b.ids) else (b, a)
     if not _reads_shared_kv(an, query.ids, kv.ids):
         return None

@@ -400,12 +400,14 @@ class TaylorPruner:
         (and with normalize="macs" the mean of per-MAC scores is the unit's
         importance per MAC)."""
         group = self.groups[i]
-        order = [c for c in torch.argsort(scores[i], stable=True).tolist() if self.alive[i][c]]
+        order = torch.argsort(scores[i], stable=True)
+        order = order[self.alive[i][order]]
         if group.blocks == 1:
-            return [(float(scores[i][c]), [c]) for c in order]
+            return [(score, [c]) for score, c in zip(scores[i][order].tolist(), order.tolist())]
         width = group.size // group.blocks
-        per_block = [[c for c in order if c // width == b] for b in range(group.blocks)]
-        return [(float(scores[i][list(unit)].mean()), list(unit)) for unit in zip(*per_block)]
+        per_block = [order[order // width == b] for b in range(group.blocks)]
+        units = torch.stack(per_block, dim=1)  # row k: the k-th lowest live channel of every block
+        return list(zip(scores[i][units].mean(1).tolist(), units.tolist()))
 
     def _choose_global(self, scores) -> dict[int, list[int]]:
         candidates = sorted((score, i, k, unit) for i in self.prunable
