@@ -80,16 +80,11 @@ def _checked_plan(model, groups, keep) -> list[tuple[int, ChannelGroup, Tensor]]
     return plan
 
 
-def kept_per_block(kept: Tensor, group: ChannelGroup) -> list[int]:
-    """How many of the channels ``kept`` fall in each of the group's ``blocks``."""
-    return torch.bincount(kept // (group.size // group.blocks), minlength=group.blocks).tolist()
-
-
 def _check_blocks(kept: Tensor, group: ChannelGroup, label: str) -> None:
     """A group of several blocks (query heads per KV head) must keep as many channels in each."""
     if group.blocks == 1:
         return
-    counts = kept_per_block(kept, group)
+    counts = torch.bincount(kept // (group.size // group.blocks), minlength=group.blocks).tolist()
     if len(set(counts)) > 1:
         raise ValueError(f"{label} has {group.blocks} blocks of {group.size // group.blocks} channels (query heads "
                          f"per key/value head) and each must keep as many, but the kept channels leave "

@@ -252,6 +252,10 @@ class TaylorPruner:
             raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
         if uniform and scope != "global":
             raise ValueError("uniform=True ranks alike groups together: it needs scope='global'")
+        gqa = checked_gqa(gqa)
+        if groups is not None and gqa != "kv":
+            raise ValueError("TaylorPruner: gqa= chooses how dependency_groups analyses the model; with precomputed "
+                             "groups= pass it to dependency_groups(..., gqa=...) instead")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.model, self.every, self.round_to, self.scope = model, every, round_to, scope
@@ -261,9 +265,6 @@ class TaylorPruner:
         # projection as a function, where a head's gate cannot observe it: switch to pyprune_ext's
         # (same parameters and outputs)
         self.converted_attention = convert_attention(model)
-        if groups is not None and checked_gqa(gqa) != "kv":
-            raise ValueError("TaylorPruner: gqa= chooses how dependency_groups analyses the model; with precomputed "
-                             "groups= pass it to dependency_groups(..., gqa=...) instead")
         self.groups = list(groups) if groups is not None else dependency_groups(model, self.example_inputs, ignore,
                                                                                 gqa=gqa)
         self.prunable = [i for i, g in enumerate(self.groups)
