@@ -2,16 +2,17 @@
 scaled_dot_product_attention or matmul-softmax-matmul, causal masked_fill),
 grouped-query attention (enable_gqa, repeat_interleave, the expand + reshape
 of Hugging Face's repeat_kv). A head's q/k/v rows and output-projection columns
-go together; removing heads computes what masking them computes."""
+go together; removing heads computes what masking them computes. With gqa="query"
+the KV heads stay and query heads go, as many per KV head, in TaylorPruner too."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-import copy
 
 from pyprune_ext.graph import (dependency_groups, register_size_attribute, remove_channels,
                                unregister_size_attribute, zero_channels)
