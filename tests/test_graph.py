@@ -759,6 +759,7 @@ def test_masked_layers_keep_their_mask():
     assert torch.equal(conv.mask, model.layer1[0].conv1.mask[rows][:, columns])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a mixed-device model")
 def test_mixed_devices():
     model = ConcatNet()

@@ -317,6 +317,7 @@ def test_bad_input(device):
                 op(*args)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_devices():
     w = [torch.randn(3, device="cuda"), torch.randn(3)]

@@ -346,6 +346,7 @@ def test_masked_linear_bad_input(device):
                          torch.ones(3, 2, 3, 3, dtype=torch.bool, device=device))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_masked_linear_device_mismatch():
     w, mask, b = make_layer(4, 6, 0.5, torch.float32, "cuda")

@@ -170,6 +170,7 @@ def test_sparse_conv2d_bad_input():
         conv(x, w, packed, b, groups=3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sparse_conv2d_says_it_has_no_cuda_kernel():
     x, w, b, mask, args = make_conv(GEOMETRIES[0], 0.4, torch.float32)

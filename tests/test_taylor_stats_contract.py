@@ -110,6 +110,7 @@ def test_sparse_input_rejected():
         pp.taylor_weight_stats(a.to_sparse(), g.to_sparse())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_mismatch_rejected():
     a, g = random_pair((2, 3, 4), torch.float32, "cpu")
