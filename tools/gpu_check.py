@@ -258,10 +258,10 @@ def pytest_argv(ctx: Context, outcomes: Path, *extra) -> list:
     return [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, "--outcomes-json", str(outcomes)]
 
 
-def collect(ctx: Context) -> dict:
+def collect(ctx: Context, paths=("tests",)) -> dict:
     """Which tests exist and which are CUDA tests (no test runs)."""
     path = ctx.work / "collected.json"
-    result = run_logged(ctx, "collect", pytest_argv(ctx, path, "--collect-only", "tests"), ctx.log("pytest"),
+    result = run_logged(ctx, "collect", pytest_argv(ctx, path, "--collect-only", *paths), ctx.log("pytest"),
                         "collect")
     collected = read_json(path) or {}
     return {"rc": result.get("rc"), "seconds": result.get("seconds"), "command": result["command"],
@@ -274,13 +274,13 @@ def pytest_workers(ctx: Context) -> int:
     return max(1, ctx.cores - 2) if ctx.probe.get("xdist") else 0
 
 
-def run_pytest(ctx: Context, collected: dict) -> dict:
+def run_pytest(ctx: Context, collected: dict, paths=("tests",)) -> dict:
     path = ctx.work / "ran.json"
     workers = pytest_workers(ctx)
     extra = ["-n", str(workers)] if workers else []
     # as on the 2-core CI machines: without this each worker starts one thread per core
     env = {"OMP_NUM_THREADS": "2"} if workers else {}
-    result = run_logged(ctx, "pytest", pytest_argv(ctx, path, *extra, "tests"), ctx.log("pytest"), "pytest", env)
+    result = run_logged(ctx, "pytest", pytest_argv(ctx, path, *extra, *paths), ctx.log("pytest"), "pytest", env)
     if "not_run" in result:
         return public(result)
     summary = parse.count_outcomes(collected, read_json(path) or {}, gpu_present=True)
@@ -447,6 +447,10 @@ def problems_of(result: dict) -> tuple:
         not_checked.append(f"sanitizer: {san['unsupported']}")
     elif san.get("errors"):
         problems.append(f"sanitizer: {san['errors']} errors")
+    for tool in ("memcheck", "racecheck"):
+        if isinstance(san.get(tool), dict) and not san[tool].get("unsupported"):
+            # the tests run under the tool must pass too (a kernel fault can show as a failed test)
+            problems += command_problems(f"sanitizer {tool}", san[tool], not_checked)
     for section in ("cli", "bench"):
         # a section holds one entry per command, unless the whole step was skipped or not run
         for label, run in result[section].items():
