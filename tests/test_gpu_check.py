@@ -79,6 +79,9 @@ def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--skip", "build,nonsense"])
     assert gpu_check.parse_args(["--skip", "build,sanitizer"]).skip == {"build", "sanitizer"}
+    assert gpu_check.parse_args(["--bench", "taylor"]).bench == ("taylor",)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--bench", "all"])
 
 
 def test_a_dry_run_does_not_replace_a_gpu_result(tmp_path):
@@ -192,10 +195,12 @@ def test_merge_takes_skipped_sections_from_an_earlier_run(tmp_path):
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"commit": {"head": "abc"}, "pytest": {"passed": 5}, "bench": {"x": {}},
                                    "bench_results": {"taylor": {"results": []}}}))
-    result = {"pytest": {"skipped": "--skip pytest"}, "bench": {"new": {}}}
+    result = {"pytest": {"skipped": "--skip pytest"}, "bench": {"new": {}}, "bench_results": {"new": {}}}
     gpu_check.merge_previous(result, str(earlier), {"pytest"})
-    assert result["pytest"] == {"passed": 5} and result["bench"] == {"new": {}}
-    assert result["merged_from"]["steps"] == ["pytest"]
+    assert result["pytest"] == {"passed": 5}
+    # a benchmark this run did not repeat keeps its earlier entry and results
+    assert result["bench"] == {"new": {}, "x": {}} and set(result["bench_results"]) == {"new", "taylor"}
+    assert result["merged_from"]["steps"] == ["pytest", "x"]
 
 
 def test_a_step_past_its_timeout_is_stopped(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The GPU check: one command that proves the CUDA side on a machine with a GPU.
 
-    bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--skip STEP,...] [--budget S] [--merge FILE]
+    bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--skip STEP,...] [--bench NAME,...] [--budget S]
+                              [--merge FILE]
 
 Steps, in order (each with its own timeout, all inside one budget; each prints
 its elapsed time):
@@ -22,6 +23,11 @@ Without a GPU (or with --dry-run) the GPU steps are skipped and the rest runs
 cheaply: the CUDA tests are counted on --collect-only, the pruning and timing
 code runs on a small ResNet-18 on the CPU, the targets are listed without values.
 Exit status 0 when nothing failed.
+
+A rerun of what the budget left out, on the same (warm) machine, with the first
+run's JSON copied back into the tree: e.g. --skip build,pytest,sanitizer,cli,resnet50
+--bench taylor,magnitude --merge benchmarks/results/gpu_check.json. Where the tree
+has no .git, set GPU_CHECK_COMMIT to the commit being tested.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ MIN_STEP = 20               # a step is not started with less time than this lef
 # `pyprune bench all` is these three (pyprune_ext.bench.IN_ALL; a test keeps them equal),
 # run one by one so that a timeout loses one benchmark's JSON, not all; most targets first.
 BENCH_ALL = ("masked", "taylor", "magnitude")
+BENCHES = BENCH_ALL + ("masked_bf16",)
 MEMCHECK_TESTS = ["tests/test_masked_ops.py", "tests/test_masked_modules.py", "tests/test_magnitude.py",
                   "tests/test_sparse_conv.py", "tests/test_taylor_stats.py", "tests/test_taylor_stats_contract.py"]
 RACECHECK_TESTS = ["tests/test_taylor_stats.py", "tests/test_taylor_stats_contract.py", "tests/test_magnitude.py"]
@@ -112,6 +119,7 @@ class Context:
     dry: bool
     skip: set
     cores: int
+    benches: tuple = ()
     probe: dict = field(default_factory=dict)
     print_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -379,7 +387,7 @@ def bench_commands(ctx: Context) -> dict:
     # issue 21's targets are for fp32 and bf16; `bench all` times fp32 only
     commands["bench masked_bf16"] = [ctx.python, "-m", "pyprune_ext.bench.masked", "--device", "cuda",
                                      "--dtype", "bfloat16", "--only", "4096", "--json", str(out / "masked_bf16.json")]
-    return commands
+    return {label: argv for label, argv in commands.items() if label.removeprefix("bench ") in ctx.benches}
 
 
 def bench(ctx: Context) -> dict:
@@ -456,6 +464,9 @@ def problems_of(result: dict) -> tuple:
         if isinstance(san.get(tool), dict) and not san[tool].get("unsupported"):
             # the tests run under the tool must pass too (a kernel fault can show as a failed test)
             problems += command_problems(f"sanitizer {tool}", san[tool], not_checked)
+            if "rc" in san[tool] and not san[tool].get("tests"):
+                # 0 errors over 0 tests proves nothing
+                problems.append(f"sanitizer {tool}: no test ran under it")
     for section in ("cli", "bench"):
         # a section holds one entry per command, unless the whole step was skipped or not run
         for label, run in result[section].items():
@@ -486,6 +497,13 @@ def merge_previous(result: dict, previous_path, skip: set) -> None:
         result[step] = previous[step]
     if "bench" in taken:
         result["bench_results"] = previous.get("bench_results", {})
+    else:  # benchmarks this run left out (--bench) keep their earlier results
+        for label, run in previous.get("bench", {}).items():
+            if label not in result["bench"] and isinstance(run, dict):
+                result["bench"][label] = run
+                taken.append(label)
+        for name, data in previous.get("bench_results", {}).items():
+            result["bench_results"].setdefault(name, data)
     result["merged_from"] = {"file": str(previous_path), "commit": previous.get("commit"), "steps": taken}
 
 
@@ -566,12 +584,17 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", metavar="STEP,...", help=f"steps to leave out: {', '.join(STEPS)}")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, metavar="S",
                    help=f"seconds for the whole run (default {DEFAULT_BUDGET}); steps beyond it are not run")
+    p.add_argument("--bench", default=",".join(BENCHES), metavar="NAME,...",
+                   help=f"benchmarks to run (default all: {', '.join(BENCHES)})")
     p.add_argument("--merge", metavar="FILE", help="take the sections of skipped steps from this earlier JSON")
     p.add_argument("--overwrite", action="store_true",
                    help="let a dry run replace a GPU run's JSON in the results folder")
     p.add_argument("--python", default=sys.executable, help="the interpreter the steps run (default: this one)")
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
+    args.bench = tuple(b for b in args.bench.split(",") if b)
+    if set(args.bench) - set(BENCHES):
+        p.error(f"unknown benchmarks in --bench: {', '.join(sorted(set(args.bench) - set(BENCHES)))}")
     unknown = args.skip - set(STEPS)
     if unknown:
         p.error(f"unknown steps in --skip: {', '.join(sorted(unknown))}; choose from {', '.join(STEPS)}")
@@ -602,12 +625,13 @@ def checked_run(args, work: Path) -> int:
     scratch = work / "logs"
     scratch.mkdir()
     ctx = Context(python=args.python, logs_dir=scratch, work=work,
-                  deadline=Deadline(args.budget), dry=args.dry_run, skip=args.skip, cores=os.cpu_count() or 1)
+                  deadline=Deadline(args.budget), dry=args.dry_run, skip=args.skip, cores=os.cpu_count() or 1,
+                  benches=args.bench)
     result = finalize(run_check(args, ctx), args, ctx)
     results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(ctx.dry)
     results_json = results_dir / "gpu_check.json"
     guard_gpu_result(results_json, ctx.dry, args.overwrite)
-    place_logs(scratch, results_dir / "gpu_check")
+    place_logs(scratch, results_dir / "gpu_check", merging=bool(args.merge))
     write_json_atomically(results_json, result)
     if args.out:
         copy_logs(results_dir / "gpu_check", Path(args.out), results_json)
@@ -615,13 +639,16 @@ def checked_run(args, work: Path) -> int:
     return 0 if result["ok"] else 1
 
 
-def place_logs(scratch: Path, logs_dir: Path) -> None:
-    """This run's logs replace the previous run's."""
+def place_logs(scratch: Path, logs_dir: Path, merging: bool) -> None:
+    """This run's logs replace the previous run's, or, when its results are merged
+    into the previous ones (--merge), are appended to them."""
     logs_dir.mkdir(parents=True, exist_ok=True)
-    for old in logs_dir.glob("*.log"):
-        old.unlink()
+    if not merging:
+        for old in logs_dir.glob("*.log"):
+            old.unlink()
     for log in scratch.glob("*.log"):
-        shutil.move(str(log), logs_dir / log.name)
+        with open(logs_dir / log.name, "a") as dst:
+            dst.write(log.read_text())
 
 
 def report(result: dict, path: Path) -> None:
