@@ -17,7 +17,9 @@ order. A criterion is ``NAME`` or ``NAME/macs``:
   its price;
 * ``tp_taylor``: Torch-Pruning's ``GroupTaylorImportance`` through its
   ``MetaPruner`` (its default per-layer ratios, ``--tp-global`` for its global
-  ranking; on the GPT whole heads, at most ``--tp-head-ratio`` of them), stepped on the
+  ranking; it cannot remove the ViT's nn.MultiheadAttention heads, and the GPT's
+  only with ``--tp-heads``: whole heads, at most ``--tp-head-ratio`` of them, but
+  1.6.1 empties a layer within a few iterative steps), stepped on the
   same minibatches. It removes channels at every step, so its Adam optimizer is
   rebuilt after each one. A criterion that fails is reported as failed.
 
@@ -240,7 +242,10 @@ def gpt_task(args) -> Task:
         heads = {}
         for block in model.blocks:
             heads.update({layer: block.attn.num_heads for layer in (block.attn.q, block.attn.k, block.attn.v)})
-        return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
+        # Torch-Pruning 1.6.1 removes ceil(ratio of this step x heads left) >= 1 head per layer at every
+        # iterative step, so a 4-head layer is empty after 4 steps (ZeroDivisionError): its heads are
+        # kept unless --tp-heads
+        return {"num_heads": heads, "prune_num_heads": args.tp_heads, "prune_head_dims": False,
                 "head_pruning_ratio": args.tp_head_ratio, "ignored_layers": [model.lm_head]}
 
     def loader(epoch):
@@ -416,6 +421,9 @@ def main(argv=None):
     parser.add_argument("--tp-head-ratio", type=float, default=0.5,
                         help="Torch-Pruning's head_pruning_ratio at its last step (per layer it removes the ratio's "
                              "ceiling of the heads, so a ratio near 1 would remove them all)")
+    parser.add_argument("--tp-heads", action="store_true",
+                        help="let Torch-Pruning remove GPT heads (prune_num_heads; 1.6.1 removes at least one head "
+                             "per layer at every step and fails once a layer is empty)")
     parser.add_argument("--tp-global", action="store_true",
                         help="Torch-Pruning's global ranking (default: its per-layer ratios)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
