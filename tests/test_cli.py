@@ -32,8 +32,15 @@ def pyprune(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProce
                           text=True, timeout=timeout)
 
 
+# A process started with SIGINT ignored (a test run in the background of a non-interactive
+# shell) passes that on, and Python then installs no KeyboardInterrupt handler: the started
+# command is given Python's own handler back, as it has when a user runs it.
+_WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('pyprune_ext', run_name='__main__', alter_sys=True)")
+
+
 def start_pyprune(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pyprune_ext", *map(str, args)], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-c", _WITH_CTRL_C, *map(str, args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
