@@ -164,3 +164,19 @@ def test_config_checks_the_pattern_and_old_runs_without_one_still_match():
     assert config_differences(saved, current) == []
     assert config_differences(saved, LotteryConfig(iterations=10, pattern="2:4").to_dict()) == [
         "pattern: saved None, now '2:4'"]
+
+
+def test_the_2to4_ticket_benchmark_runs_and_reports_its_densities(tmp_path, capsys):
+    from benchmarks import lottery_nm
+
+    lottery_nm.main(["--quick", "--no-progress", "--json", str(tmp_path / "nm.json"), "--out", str(tmp_path / "runs")])
+    assert "2:4 tickets vs unstructured tickets vs random 2:4 masks" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "nm.json").read_text())["models"]["lenet300"]["rows"]
+    assert rows[0]["target"] == "dense" and len(rows[0]["dense_test_accuracy"]) == 1
+    half = rows[1]
+    assert half["2:4"]["remaining_pct"] == half["2:4 random"]["remaining_pct"] == 50.0
+    assert half["unstructured"]["remaining_pct"] is None  # level 3 is beyond --quick's 2 levels
+    for variant in ("2:4", "2:4 random"):
+        masks = MaskSet.load(tmp_path / "runs" / "lenet300" / "seed0" / variant.replace(" ", "_").replace(":", "to")
+                             / "level_01" / "mask.pt")
+        assert all(is_nm(m, P24) for m in masks.values())
