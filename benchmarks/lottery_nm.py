@@ -52,10 +52,17 @@ MODELS = {
 }
 
 
+def levels_to_train(variant: str, max_levels: int) -> int:
+    """The variant's last compared level within ``max_levels`` (no level is trained past it)."""
+    _, levels, compared = VARIANTS[variant]
+    within = [level for level in compared if level <= max_levels]
+    return max(within) if within else min(levels, max_levels)
+
+
 def config_for(args, seed: int, variant: str, source: Path) -> LotteryConfig:
-    pattern, levels, _ = VARIANTS[variant]
+    pattern = VARIANTS[variant][0]
     control = "random" if variant == "2:4 random" else "none"
-    return LotteryConfig(levels=min(levels, args.max_levels), rate=RATE, scope="layer", pattern=pattern,
+    return LotteryConfig(levels=levels_to_train(variant, args.max_levels), rate=RATE, scope="layer", pattern=pattern,
                          rewind_iteration=args.rewind, iterations=args.iterations, batch_size=60,
                          optimizer="adam", lr=args.lr, eval_every=args.eval_every, seed=seed, device=args.device,
                          control=control, control_source=str(source) if control != "none" else None)
@@ -128,7 +135,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=None, help="iterations between evaluations (default 250)")
     parser.add_argument("--rewind", type=int, default=0, help="rewind iteration (default 0: the initialisation)")
     parser.add_argument("--lr", type=float, default=1.2e-3, help="Adam learning rate (default 1.2e-3)")
-    parser.add_argument("--max-levels", type=int, default=10, help="stop every run after this many levels")
+    parser.add_argument("--max-levels", type=int, default=10,
+                        help="train no run past this level (each stops at its last compared level within it)")
     parser.add_argument("--out", default=None, help="run folder (kept; rerun to resume); default: temporary")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
