@@ -81,7 +81,7 @@ def run_all(args, splits, out: Path) -> Dict[str, Dict[int, List[dict]]]:
 
 # -------------------------------------------------------------------------- tables
 
-def _mean_spread(values: List[float]) -> str:
+def mean_spread(values: List[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "—"
@@ -122,14 +122,14 @@ def print_tables(rows: List[dict], title: str) -> None:
         headers += [f"{variant} early-stop it.", f"{variant} test acc. % at early stop"]
     print_table(title, headers, [
         [str(r["level"]), f"{r['remaining_pct']:.1f}"]
-        + sum(([_mean_spread(r[f"{v}_early_stop_iteration"]), _mean_spread(r[f"{v}_test_accuracy"])]
+        + sum(([mean_spread(r[f"{v}_early_stop_iteration"]), mean_spread(r[f"{v}_test_accuracy"])]
                for v in VARIANTS), [])
         for r in rows])
     headers = ["level", "remaining %"] + [f"{v} s/level" for v in VARIANTS] + [f"{v} ms/step" for v in VARIANTS]
     print_table("Time per level (mean over seeds; training, evaluations, pruning and saving)", headers, [
         [str(r["level"]), f"{r['remaining_pct']:.1f}"]
-        + [_mean_spread(r[f"{v}_wall_time_s"]) for v in VARIANTS]
-        + [_mean_spread(r[f"{v}_step_time_ms"]) for v in VARIANTS]
+        + [mean_spread(r[f"{v}_wall_time_s"]) for v in VARIANTS]
+        + [mean_spread(r[f"{v}_step_time_ms"]) for v in VARIANTS]
         for r in rows])
 
 

@@ -25,7 +25,6 @@ and spread over seeds. Runs live in --out and resume.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Dict, List
 
 import torch
 
+from benchmarks.lottery import mean_spread
 from pyprune_ext.bench.common import machine_name, print_table, write_json
 from pyprune_ext.data import load_dataset
 from pyprune_ext.lottery import LotteryConfig, LotteryRun, classification_evaluator, classification_step
@@ -84,14 +84,6 @@ def run_model(name: str, args, splits, out: Path) -> Dict[str, Dict[int, List[di
     return results
 
 
-def _mean_spread(values: List[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def comparison_rows(results) -> List[dict]:
     """One row per target density: per variant the level, its remaining % and the
     test accuracies (%) at early stop over seeds."""
@@ -114,13 +106,13 @@ def comparison_rows(results) -> List[dict]:
 
 def print_rows(rows: List[dict], title: str) -> None:
     headers = ["weights left"] + sum(([f"{v} level (remaining %)", f"{v} test acc. %"] for v in VARIANTS), [])
-    table = [[rows[0]["target"]] + ["0 (100.0)", _mean_spread(rows[0]["dense_test_accuracy"])] * len(VARIANTS)]
+    table = [[rows[0]["target"]] + ["0 (100.0)", mean_spread(rows[0]["dense_test_accuracy"])] * len(VARIANTS)]
     for row in rows[1:]:
         cells = [row["target"]]
         for variant in VARIANTS:
             r = row[variant]
             remaining = "—" if r["remaining_pct"] is None else f"{r['remaining_pct']:.1f}"
-            cells += [f"{r['level']} ({remaining})", _mean_spread(r["test_accuracy"])]
+            cells += [f"{r['level']} ({remaining})", mean_spread(r["test_accuracy"])]
         table.append(cells)
     print_table(title, headers, table)
 

@@ -16,6 +16,7 @@ from pyprune_ext.lottery import (LotteryConfig, MaskSet, NMPattern, control_mask
 from pyprune_ext.lottery.config import config_differences
 from pyprune_ext.lottery.io import RunFileError
 from pyprune_ext.lottery.nm import check_nm, groups_view, random_nm
+from pyprune_ext.lottery.seeding import derive_seed
 
 P24 = NMPattern(2, 4)
 
@@ -124,8 +125,7 @@ def test_random_nm_control_is_n_to_m_with_the_ticket_counts_and_seeded():
     model = SmallCNN()
     ticket = prune_by_magnitude(model, prune_by_magnitude(model, MaskSet.ones(model), pattern="2:4"), 0.3)
     first = control_masks(ticket, "random", seed=5, level=2, pattern="2:4")
-    again = random_prune_nm(ticket, "2:4", seed=__import__("pyprune_ext.lottery.seeding", fromlist=["x"])
-                            .derive_seed(5, "random-prune", 2))
+    again = random_prune_nm(ticket, "2:4", seed=derive_seed(5, "random-prune", 2))
     for name in ticket:
         assert int(first[name].sum()) == int(ticket[name].sum())
         assert torch.equal(first[name], again[name])

@@ -206,6 +206,7 @@ def read_json(path: Path):
 
 
 def write_json_atomically(path: Path, data) -> None:
+    # not pyprune_ext.lottery.io.atomic_write_json: the driver runs before (and without) a build
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:

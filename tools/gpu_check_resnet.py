@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -184,20 +181,13 @@ def parse_args(argv):
     return args
 
 
-def write_json_atomically(path: str, data: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no GPU")
-    write_json_atomically(args.json, run(args))
+    from pyprune_ext.lottery.io import atomic_write_json
+
+    atomic_write_json(args.json, run(args))
 
 
 if __name__ == "__main__":
