@@ -169,16 +169,69 @@ at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
   return MaskedLinearFunction::apply(x, weight, mask, bias);
 }
 
+// masked_linear_prezeroed: the weight is already zero where mask is False (the
+// masked modules know it from the weight's version counter, see
+// pyprune_ext.nn.masked), so the forward and grad_x are torch's own GEMMs on
+// the weight itself, with no masked copy; only grad_w is masked.
+at::Tensor masked_linear_prezeroed_generic(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                           const std::optional<at::Tensor>& bias) {
+  check_masked_linear_args("masked_linear_prezeroed", x, weight, mask, bias);
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor call_prezeroed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                          const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyprune::masked_linear_prezeroed", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&)>();
+  return op.call(x, weight, mask, bias);
+}
+
+class MaskedLinearPrezeroedFunction : public torch::autograd::Function<MaskedLinearPrezeroedFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& mask,
+                            const std::optional<at::Tensor>& bias) {
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({x, weight, mask});
+    return call_prezeroed(x, weight, mask, bias);
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mask = saved[2];
+    const at::Tensor& grad_y = grads[0];
+    at::Tensor grad_x, grad_w, grad_b;
+    if (ctx->needs_input_grad(0)) grad_x = at::matmul(grad_y, weight);
+    if (ctx->needs_input_grad(1)) grad_w = call_grad_weight(grad_y, x, mask);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
+      grad_b = as_rows(grad_y, grad_y.size(-1)).sum(0);
+    }
+    return {grad_x, grad_w, at::Tensor(), grad_b};
+  }
+};
+
+at::Tensor masked_linear_prezeroed_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                            const std::optional<at::Tensor>& bias) {
+  return MaskedLinearPrezeroedFunction::apply(x, weight, mask, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, CompositeExplicitAutograd, m) {
   m.impl("masked_linear", &masked_linear_generic);
   m.impl("masked_linear_grad_input", &masked_linear_grad_input_generic);
   m.impl("masked_linear_grad_weight", &masked_linear_grad_weight_generic);
+  m.impl("masked_linear_prezeroed", &masked_linear_prezeroed_generic);
 }
 
 TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
   m.impl("masked_linear", &masked_linear_autograd);
+  m.impl("masked_linear_prezeroed", &masked_linear_prezeroed_autograd);
 }
 
 }  // namespace pyprune

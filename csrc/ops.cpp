@@ -35,6 +35,10 @@ TORCH_LIBRARY(pyprune, m) {
   // masked_linear's backward: grad_y @ (weight * mask) and (grad_y^T x) * mask.
   m.def("masked_linear_grad_input(Tensor grad_y, Tensor weight, Tensor mask) -> Tensor", tags);
   m.def("masked_linear_grad_weight(Tensor grad_y, Tensor x, Tensor mask) -> Tensor", tags);
+  // masked_linear for a weight already zero where mask is False: linear(x,
+  // weight, bias) with no masked copy, the weight's gradient masked (the
+  // masked modules call it while the weight is unchanged since it was zeroed).
+  m.def("masked_linear_prezeroed(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor", tags);
   // Block size (bytes) of masked_linear's CPU path: sets it when bytes > 0,
   // returns the previous value. For tests and benchmarks.
   m.def("_masked_tile_bytes(int bytes=0) -> int", &pyprune::masked_tile_bytes);
@@ -76,6 +80,15 @@ TORCH_LIBRARY(pyprune, m) {
       "sparse_masked_linear_grad_weight(Tensor grad_y, Tensor x, Tensor weight, "
       "Tensor row_ptr, Tensor col_idx) -> Tensor",
       tags);
+  // The CUDA sparse linear kernels' tiled scheme emulated on the CPU (tests
+  // only; csrc/cpu/sparse_masked_linear.cpp): a product out [M, lines] from
+  // src [M, K] and one half of a packed mask, entry (r, c) = weight's flat
+  // element r * w_line + c * w_index; and the sampled gradient. `sms` stands
+  // for the GPU's multiprocessor count (it sets the split-K plan).
+  m.def(
+      "_sparse_tiles_product_emulated(Tensor src, Tensor weight, Tensor ptr, Tensor idx, int w_line, "
+      "int w_index, int lines, int sms, Tensor? init=None) -> Tensor");
+  m.def("_sparse_tiles_sampled_emulated(Tensor grad_y, Tensor x, Tensor ptr, Tensor idx, int sms) -> Tensor");
   // Global magnitude selection for lottery-ticket pruning (one threshold over
   // many weight tensors): among the weights their bool masks keep, the k with
   // the smallest |w| go, ties at the threshold in (list index, flat index)

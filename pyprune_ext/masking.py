@@ -112,7 +112,7 @@ def _remove_handles(handles: list) -> None:
 class _Held:
     """What one keeper holds at zero for one parameter."""
 
-    __slots__ = ("ref", "shape", "keep", "rows", "version")
+    __slots__ = ("ref", "shape", "keep", "rows", "version", "zeroed_at")
 
     def __init__(self, ref: "weakref.ref[Tensor]", shape: torch.Size):
         self.ref = ref
@@ -120,9 +120,12 @@ class _Held:
         self.keep: Optional[Tensor] = None    # bool, the parameter's shape; False = held at zero
         self.rows: Dict[int, Tensor] = {}     # dim -> sorted unique int64 indices held at zero
         self.version = next(_VERSIONS)
+        # (parameter's _version, keep's _version) right after the last zeroing
+        self.zeroed_at: Optional[tuple] = None
 
     def changed(self) -> None:
         self.version = next(_VERSIONS)
+        self.zeroed_at = None
 
     def check_shape(self, param: Tensor) -> None:
         if param.shape != self.shape:
@@ -147,6 +150,11 @@ class _Held:
                 if is_param:
                     self.rows[dim] = rows
             tensor.index_fill_(dim, rows, 0)
+        if is_param:
+            self.zeroed_at = self.versions(tensor)
+
+    def versions(self, param: Tensor) -> tuple:
+        return param._version, (self.keep._version if self.keep is not None else -1)
 
     def keep_mask(self, param: Tensor) -> Tensor:
         keep = (self.keep.to(param.device).clone() if self.keep is not None
@@ -248,6 +256,14 @@ class ZeroKeeper:
     def params(self) -> List[Tensor]:
         """The live parameters with entries held at zero."""
         return [p for p in (held.ref() for held in list(self._held.values())) if p is not None]
+
+    def zeroed(self, param: Tensor) -> bool:
+        """Whether ``param`` is known to be zero at every held entry: it has not been
+        written (nor its mask changed in place) since this keeper last zeroed it.
+        Judged by version counters, as autograd judges: writes through
+        ``param.data`` are not seen (write under ``torch.no_grad()`` instead)."""
+        held = self._lookup(param)
+        return held is not None and held.zeroed_at is not None and held.zeroed_at == held.versions(param)
 
     def mask_of(self, param: Tensor) -> Optional[Tensor]:
         """A new bool tensor of ``param``'s shape, False where it is held at zero

@@ -4,12 +4,13 @@ Only the registry and argument handling: running a benchmark takes too long here
 import importlib
 
 import pytest
+import torch
 
 from pyprune_ext import bench
 
 
 def test_registry_names():
-    assert bench.NAMES == ("taylor", "masked", "magnitude", "coverage")
+    assert bench.NAMES == ("taylor", "masked", "magnitude", "coverage", "semi_structured")
     assert all(isinstance(text, str) and text for text in bench.BENCHMARKS.values())
 
 
@@ -36,3 +37,11 @@ def test_help_exits_cleanly_under_the_cli_name(name, capsys):
 def test_repository_shims_point_at_the_package(name):
     shim = importlib.import_module(f"benchmarks.{name}")
     assert shim.main is importlib.import_module(f"pyprune_ext.bench.{name}").main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+def test_semi_structured_says_it_needs_a_gpu():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU with 2:4 sparse tensor cores"):
+        bench.run("semi_structured", [])
+    with pytest.raises(SystemExit):
+        bench.run("semi_structured", ["--batches", "many"])

@@ -185,7 +185,8 @@ def test_targets_from_the_h100_benchmark_files():
     assert taylor["value"] == pytest.approx(0.27, abs=0.01) and taylor["met"] is False  # 64x196x768 bf16: 27%
     sparse = found["sparse_linear_5pct_vs_cublas"]
     assert sparse["value"] == pytest.approx(0.086 / 0.183, rel=0.02) and sparse["met"] is False
-    assert found["masked_linear_vs_dense"]["value"] > 1.05
+    # that run predates masked_linear_prezeroed, the path the target is about
+    assert "masked_linear_prezeroed" in found["masked_linear_vs_dense"]["pending"]
     # that run timed the 4096 shapes only (--only 4096): no convolution rows
     assert "no rows" in found["sparse_conv_5pct_vs_cudnn"]["pending"]
     assert found["nm_2to4_vs_dense_bf16"]["value"] is None and "pending" in found["nm_2to4_vs_dense_bf16"]

@@ -282,3 +282,98 @@ def test_modules_pickled_before_the_cached_path_choice_still_load():
     x = torch.randn(2, 10)
     assert restored._sparse_path == layer._sparse_path
     torch.testing.assert_close(restored(x), layer(x))
+
+
+def pyprune_ops_called(fn):
+    """The pyprune ops fn() dispatches to (below autograd)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "pyprune":
+                self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.names
+
+
+def test_dense_path_uses_the_weight_itself_while_it_is_known_zeroed():
+    torch.manual_seed(0)
+    layer = MaskedLinear(12, 7, mask=torch.rand(7, 12) < 0.4)
+    layer.sparse_threshold = 0.0
+    x = torch.randn(5, 12)
+    want = x @ (layer.weight * layer.mask).T + layer.bias
+    assert pyprune_ops_called(lambda: layer(x)) == ["masked_linear_prezeroed"]
+    torch.testing.assert_close(layer(x), want)
+    with torch.no_grad():  # a write the module sees (version counter): back to the masking op
+        layer.weight.add_(1.0)
+    want = x @ (layer.weight * layer.mask).T + layer.bias
+    assert "masked_linear_prezeroed" not in pyprune_ops_called(lambda: layer(x))
+    torch.testing.assert_close(layer(x), want)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    optimizer.step()  # the keeper zeroes the pruned weights again
+    assert pyprune_ops_called(lambda: layer(x)) == ["masked_linear_prezeroed"]
+    assert not layer.weight[~layer.mask].any()
+    with torch.no_grad():
+        layer.mask[0, 0] = not bool(layer.mask[0, 0])  # an in-place mask change is seen too
+    assert "masked_linear_prezeroed" not in pyprune_ops_called(lambda: layer(x))
+    layer.set_mask(layer.mask)
+    assert pyprune_ops_called(lambda: layer(x)) == ["masked_linear_prezeroed"]
+    layer.weight.data.add_(1.0)  # untracked, as autograd documents; apply_mask_ makes it clean again
+    layer.apply_mask_()
+    torch.testing.assert_close(layer(x), x @ (layer.weight * layer.mask).T + layer.bias)
+
+
+def two_four_mask(out_f, in_f, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(out_f, in_f // 4, 4, generator=gen)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, dim=-1).indices, True)
+    return keep.view(out_f, in_f).to(device)
+
+
+def test_semi_structured_path_needs_a_gpu_and_says_why():
+    layer = MaskedLinear(64, 32, mask=two_four_mask(32, 64))
+    assert layer.semi_structured is None and not layer._semi_structured  # CPU: the dense-masked path
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ (layer.weight * layer.mask).T + layer.bias)
+    with pytest.raises(ValueError, match=r"semi_structured=True, but the weight is on cpu, not CUDA"):
+        layer.semi_structured = True
+    with pytest.raises(ValueError, match="must be None, True or False"):
+        layer.semi_structured = "yes"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a GPU with 2:4 sparse tensor cores")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_semi_structured_path_matches_the_masked_layer(dtype):
+    torch.manual_seed(0)
+    layer = MaskedLinear(256, 128, mask=two_four_mask(128, 256)).to("cuda", dtype)
+    assert layer._semi_structured, "a 2:4 mask on this GPU takes the semi-structured path"
+    x = torch.randn(64, 256, device="cuda", dtype=dtype, requires_grad=True)
+    reference = x.detach().double() @ (layer.weight.detach().double() * layer.mask).T + layer.bias.detach().double()
+    y = layer(x)
+    assert (y.double() - reference).abs().max() <= 2e-2 * reference.abs().max()
+    with torch.no_grad():
+        assert (layer(x).double() - reference).abs().max() <= 2e-2 * reference.abs().max()
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    wm = layer.weight.detach().double() * layer.mask
+    want_gx, want_gw = gy.double() @ wm, (gy.double().T @ x.detach().double()) * layer.mask
+    assert (x.grad.double() - want_gx).abs().max() <= 2e-2 * want_gx.abs().max()
+    assert (layer.weight.grad.double() - want_gw).abs().max() <= 2e-2 * want_gw.abs().max()
+    assert not layer.weight.grad[~layer.mask].any()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    optimizer.step()  # new weights: compressed again, still 2:4
+    y2 = layer(x.detach())
+    want = x.detach().double() @ (layer.weight.detach().double() * layer.mask).T + layer.bias.detach().double()
+    assert (y2.double() - want).abs().max() <= 2e-2 * want.abs().max()
+    layer.semi_structured = False
+    assert not layer._semi_structured

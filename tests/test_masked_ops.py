@@ -311,6 +311,28 @@ def test_opcheck_sparse_ops(device):
                           (gy, x.detach(), w.detach(), packed.row_ptr, packed.col_idx))
 
 
+def test_masked_linear_prezeroed_matches_masked_linear_on_a_zeroed_weight(device):
+    w, mask, b = make_layer(9, 13, 0.4, torch.float64, device, seed=6)
+    w = (w * mask).requires_grad_()
+    x = torch.randn(2, 5, 13, dtype=torch.float64, device=device, requires_grad=True)
+    got = pp.ops.masked_linear_prezeroed(x, w, mask, b)
+    torch.testing.assert_close(got, reference_linear(x, w, mask, b))
+    gy = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, w), gy)
+    want = torch.autograd.grad(pp.masked_linear(x, w, mask, b), (x, w), gy)
+    torch.testing.assert_close(grads[0], want[0])
+    assert torch.equal(grads[1], want[1]) and not grads[1][~mask].any()
+    # x and bias only: a numerical derivative in w moves pruned weights off zero, outside the op's promise
+    bias = b.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b: pp.ops.masked_linear_prezeroed(x, w.detach(), mask, b), (x, bias))
+    torch.library.opcheck(torch.ops.pyprune.masked_linear_prezeroed.default, (x.detach(), w.detach(), mask, b))
+    torch.library.opcheck(torch.ops.pyprune.masked_linear_prezeroed.default, (x, w, mask, None))
+    compiled = torch.compile(lambda x: pp.ops.masked_linear_prezeroed(x, w, mask, b), fullgraph=True)
+    torch.testing.assert_close(compiled(x), got)
+    with pytest.raises(RuntimeError, match="masked_linear_prezeroed: x's last dim must be in_features = 13"):
+        pp.ops.masked_linear_prezeroed(x[..., :5], w, mask, b)
+
+
 def test_compile_fullgraph_sparse_and_dense():
     w, mask, b = make_layer(9, 12, 0.3, torch.float32, "cpu")
     packed = pp.mask_pack(mask)

@@ -20,6 +20,7 @@
 #include <pyprune/masked.h>
 #include <pyprune/masked_nonfinite.h>
 #include <pyprune/packed_mask.h>
+#include <pyprune/sparse_tiles.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,8 +29,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace pyprune {
@@ -500,12 +504,210 @@ at::Tensor grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
   return gw;
 }
 
+
+// ---------------------------------------------------------------------------
+// Tests only: the CUDA sparse linear kernels' tiled scheme (pyprune/sparse_tiles.h) run on
+// the CPU, block by block and thread by thread, with the same index functions:
+// the split plan, the line cursors (binary searches), the stage layouts, the
+// chunk walks, the split sums in order and the 16-thread butterfly of the
+// sampled gradient. The tests compare it with the plain float64 product, so
+// the decomposition the GPU runs is checked on every CPU run; only the warp
+// intrinsics themselves (ballot, shuffles) are left to the GPU tests.
+// Slow by design (one scalar loop per emulated thread): tests only.
+namespace emulated {
+
+
+namespace st = sparse_tiles;
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The stage of src[m0.., k0..] as the block's threads fill it; cells no thread
+// writes stay NaN, so a gap in stage_coords shows up in the results.
+template <typename scalar_t, typename acc_t>
+void stage_source(std::vector<acc_t>& stage, const scalar_t* src, int64_t M, int64_t K, int64_t m0, int64_t k0) {
+  std::fill(stage.begin(), stage.end(), std::numeric_limits<acc_t>::quiet_NaN());
+  for (int t = 0; t < st::kThreads; ++t) {
+    for (int step = 0; step < st::kStageSteps; ++step) {
+      int k, m;
+      st::stage_coords(t / 32, t % 32, step, k, m);
+      const int64_t gm = m0 + m, gk = k0 + k;
+      stage[k * st::kStageStride + m] = (gm < M && gk < K) ? static_cast<acc_t>(src[gm * K + gk]) : acc_t(0);
+    }
+  }
+}
+
+struct Cursor {
+  int64_t next = 0, end = 0;
+};
+
+// cursors[group][j] of the lines of one tile within [first, last).
+std::vector<Cursor> tile_cursors(int64_t line0, int64_t R, const int64_t* ptr, const int64_t* idx, int64_t first,
+                                 int64_t last) {
+  std::vector<Cursor> cursors(st::kLineGroups * st::kLinesPerThread);
+  for (int g = 0; g < st::kLineGroups; ++g) {
+    for (int j = 0; j < st::kLinesPerThread; ++j) {
+      const int64_t r = st::tile_line(line0, g, j);
+      if (r >= R) continue;
+      Cursor& c = cursors[g * st::kLinesPerThread + j];
+      c.next = st::lower_bound_index(idx, ptr[r], ptr[r + 1], first);
+      c.end = st::lower_bound_index(idx, c.next, ptr[r + 1], last);
+    }
+  }
+  return cursors;
+}
+
+template <typename scalar_t>
+void check_emulation_args(const at::Tensor& src, const at::Tensor& ptr, const at::Tensor& idx, int64_t lines) {
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && src.device().is_cpu(),
+              "_sparse_tiles_emulated: src must be a contiguous 2-d CPU tensor");
+  TORCH_CHECK(ptr.scalar_type() == at::kLong && idx.scalar_type() == at::kLong && ptr.is_contiguous() &&
+                  idx.is_contiguous() && ptr.numel() == lines + 1,
+              "_sparse_tiles_emulated: ptr [lines + 1] and idx must be contiguous int64");
+}
+
+at::Tensor product_emulated(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& ptr,
+                            const at::Tensor& idx, int64_t w_line, int64_t w_index, int64_t R, int64_t sms,
+                            const std::optional<at::Tensor>& init) {
+  const int64_t M = src.size(0), K = src.size(1);
+  at::Tensor out = at::empty({M, R}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "_sparse_tiles_emulated", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    check_emulation_args<scalar_t>(src, ptr, idx, R);
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const int64_t *p_ptr = ptr.const_data_ptr<int64_t>(), *p_idx = idx.const_data_ptr<int64_t>();
+    const scalar_t* b = init.has_value() && init->defined() ? init->const_data_ptr<scalar_t>() : nullptr;
+    const st::SplitPlan plan = st::plan_splits(R, M, K, sms);
+    std::vector<acc_t> ws(plan.splits * M * R, acc_t(0)), stage(st::kTileK * st::kStageStride);
+    for (int64_t line0 = 0; line0 < R; line0 += st::kTileR) {
+      for (int64_t m0 = 0; m0 < M; m0 += st::kTileM) {
+        for (int64_t z = 0; z < plan.splits; ++z) {
+          int64_t first, last;
+          st::split_columns(z, plan.chunks_per_split, K, first, last);
+          std::vector<Cursor> cursors = tile_cursors(line0, R, p_ptr, p_idx, first, last);
+          // acc[(group * kLinesPerThread + j) * kTileM + m], m = 4 * sub + i
+          std::vector<acc_t> acc(cursors.size() * st::kTileM, acc_t(0));
+          for (int64_t k0 = first; k0 < last; k0 += st::kTileK) {
+            const int64_t k1 = std::min<int64_t>(k0 + st::kTileK, last);
+            stage_source(stage, x, M, K, m0, k0);
+            for (size_t slot = 0; slot < cursors.size(); ++slot) {
+              const int64_t r = st::tile_line(line0, slot / st::kLinesPerThread, slot % st::kLinesPerThread);
+              Cursor& c = cursors[slot];
+              for (; c.next < c.end && p_idx[c.next] < k1; ++c.next) {
+                const int64_t col = p_idx[c.next];
+                const acc_t v = static_cast<acc_t>(w[r * w_line + col * w_index]);
+                for (int m = 0; m < st::kTileM; ++m) acc[slot * st::kTileM + m] += v * stage[(col - k0) * st::kStageStride + m];
+              }
+            }
+          }
+          for (size_t slot = 0; slot < cursors.size(); ++slot) {
+            const int64_t r = st::tile_line(line0, slot / st::kLinesPerThread, slot % st::kLinesPerThread);
+            for (int m = 0; m < st::kTileM && r < R && m0 + m < M; ++m) {
+              ws[(z * M + m0 + m) * R + r] = acc[slot * st::kTileM + m];
+            }
+          }
+        }
+      }
+    }
+    scalar_t* y = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * R; ++i) {
+      acc_t s = 0;
+      for (int64_t z = 0; z < plan.splits; ++z) s += ws[z * M * R + i];
+      y[i] = static_cast<scalar_t>(b ? s + static_cast<acc_t>(b[i % R]) : s);
+    }
+    const auto is_finite = [](scalar_t v) { return std::isfinite(static_cast<acc_t>(v)); };
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t r = 0; r < R; ++r) {
+        if (st::meets_nonfinite_through_pruned(x + m * K, K, p_idx, p_ptr[r], p_ptr[r + 1], is_finite)) {
+          y[m * R + r] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor sampled_emulated(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& ptr, const at::Tensor& idx,
+                            int64_t sms) {
+  const int64_t M = x.size(0), K = x.size(1), R = gy.size(1);
+  at::Tensor gw = at::zeros({R, K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "_sparse_tiles_emulated", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    check_emulation_args<scalar_t>(x, ptr, idx, R);
+    TORCH_CHECK(gy.is_contiguous() && gy.size(0) == M, "_sparse_tiles_emulated: gy must be contiguous [M, lines]");
+    const scalar_t *g_data = gy.const_data_ptr<scalar_t>(), *x_data = x.const_data_ptr<scalar_t>();
+    const int64_t *p_ptr = ptr.const_data_ptr<int64_t>(), *p_idx = idx.const_data_ptr<int64_t>();
+    const st::SplitPlan plan = st::plan_splits(R, st::kTileM, K, sms);
+    std::vector<acc_t> sums(idx.numel(), std::numeric_limits<acc_t>::quiet_NaN());
+    std::vector<acc_t> stage(st::kTileK * st::kStageStride), lines(st::kTileM * st::kGroupStageStride);
+    for (int64_t line0 = 0; line0 < R; line0 += st::kTileR) {
+      for (int64_t z = 0; z < plan.splits; ++z) {
+        int64_t first, last;
+        st::split_columns(z, plan.chunks_per_split, K, first, last);
+        const std::vector<Cursor> start = tile_cursors(line0, R, p_ptr, p_idx, first, last);
+        for (int64_t m0 = 0; m0 < M; m0 += st::kTileM) {
+          // g[(group * kLinesPerThread + j) * kTileM + 4 * sub + i], through the lines stage
+          std::vector<acc_t> g(start.size() * st::kTileM);
+          for (int j = 0; j < st::kLinesPerThread; ++j) {
+            for (int t = 0; t < st::kThreads; ++t) {
+              for (int step = 0; step < st::kGroupStageSteps; ++step) {
+                int m, line;
+                st::group_stage_coords(t, step, m, line);
+                const int64_t gm = m0 + m, r = line0 + st::kGroup * j + line;
+                lines[m * st::kGroupStageStride + line] =
+                    (gm < M && r < R) ? static_cast<acc_t>(g_data[gm * R + r]) : acc_t(0);
+              }
+            }
+            for (int group = 0; group < st::kLineGroups; ++group) {
+              for (int m = 0; m < st::kTileM; ++m) {
+                g[(group * st::kLinesPerThread + j) * st::kTileM + m] = lines[m * st::kGroupStageStride + group];
+              }
+            }
+          }
+          std::vector<Cursor> cursors = start;
+          for (int64_t k0 = first; k0 < last; k0 += st::kTileK) {
+            const int64_t k1 = std::min<int64_t>(k0 + st::kTileK, last);
+            stage_source(stage, x_data, M, K, m0, k0);
+            for (size_t slot = 0; slot < cursors.size(); ++slot) {
+              for (Cursor& c = cursors[slot]; c.next < c.end && p_idx[c.next] < k1; ++c.next) {
+                const int64_t col = p_idx[c.next] - k0;
+                acc_t part[st::kGroup];  // each thread's 4-term sum, then the butterfly
+                for (int sub = 0; sub < st::kGroup; ++sub) {
+                  const acc_t* gs = &g[slot * st::kTileM + 4 * sub];
+                  const acc_t* row = &stage[col * st::kStageStride + 4 * sub];
+                  part[sub] = gs[0] * row[0] + gs[1] * row[1] + gs[2] * row[2] + gs[3] * row[3];
+                }
+                for (int offset = st::kGroup / 2; offset > 0; offset /= 2) {
+                  acc_t next[st::kGroup];
+                  for (int sub = 0; sub < st::kGroup; ++sub) next[sub] = part[sub] + part[sub ^ offset];
+                  std::copy(next, next + st::kGroup, part);
+                }
+                sums[c.next] = (m0 == 0 ? acc_t(0) : sums[c.next]) + part[0];
+              }
+            }
+          }
+        }
+      }
+    }
+    scalar_t* out = gw.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t p = p_ptr[r]; p < p_ptr[r + 1]; ++p) out[r * K + p_idx[p]] = static_cast<scalar_t>(sums[p]);
+    }
+  });
+  return gw;
+}
+
+}  // namespace emulated
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
   m.impl("sparse_masked_linear", &sparse_masked_linear_cpu);
   m.impl("sparse_masked_linear_grad_input", &grad_input_cpu);
   m.impl("sparse_masked_linear_grad_weight", &grad_weight_cpu);
+  m.impl("_sparse_tiles_product_emulated", &emulated::product_emulated);
+  m.impl("_sparse_tiles_sampled_emulated", &emulated::sampled_emulated);
 }
 
 }  // namespace pyprune

@@ -1,16 +1,17 @@
-// CUDA kernels of the sparse path of masked_linear, the same batch-last scheme
-// as the CPU kernels: x^T [in, M], y^T [out, M]. Each thread owns one (row, m)
-// output and walks that row's kept weights in index order (deterministic, fp32
-// accumulation); the kept weight and its index are the same for the whole
-// block (broadcast loads), the activations are read coalesced along m.
+// CUDA kernels of the sparse path of masked_linear: the tiled scheme of
+// pyprune/sparse_tiles.h (batch tiles x line tiles x split-K, the source chunk
+// staged in shared memory, register accumulators, deterministic split sums),
+// whose index math the CPU emulation (op _sparse_tiles_emulated) shares.
 //
 // Index bounds and order are checked on the device (CUDA_KERNEL_ASSERT), as
 // PyTorch's own CUDA indexing ops do, instead of reading the indices back to
 // the host; so is the agreement of the two halves (checksums, _assert_async).
+// Non-finite inputs get the dense path's NaN from a device-side pass too (no
+// host sync on any path).
 #include <pyprune/cuda_launch.h>
 #include <pyprune/masked.h>
-#include <pyprune/masked_nonfinite.h>
 #include <pyprune/packed_mask.h>
+#include <pyprune/sparse_tiles.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,67 +21,268 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
-#include <cub/warp/warp_reduce.cuh>
-
+#include <algorithm>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace pyprune {
 namespace {
 
+namespace st = sparse_tiles;
+
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullWarp = 0xffffffffu;
 
-// out[r, m] = init[r] (or 0) + sum over p in [ptr[r], ptr[r+1]) of
-//             w[r * w_row + idx[p] * w_idx] * src[idx[p], m]
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-gather_axpy_rows(scalar_t* __restrict__ out, int64_t M, const int64_t* __restrict__ ptr,
-                 const int64_t* __restrict__ idx, int64_t idx_limit, int64_t nnz,
-                 const scalar_t* __restrict__ src, const scalar_t* __restrict__ init,
-                 const scalar_t* __restrict__ w, int64_t w_row, int64_t w_idx) {
-  using acc_t = acc_type_t<scalar_t>;
-  const int64_t r = blockIdx.x;
-  const int64_t m = int64_t(blockIdx.y) * kThreads + threadIdx.x;
-  if (m >= M) return;
-  const int64_t begin = ptr[r], end = ptr[r + 1];
-  CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= nnz);
-  const scalar_t* wr = w + r * w_row;
-  acc_t acc = init ? static_cast<acc_t>(init[r]) : acc_t(0);
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t c = idx[p];
-    CUDA_KERNEL_ASSERT(c >= 0 && c < idx_limit && (p == begin || idx[p - 1] < c));
-    acc += static_cast<acc_t>(wr[c * w_idx]) * static_cast<acc_t>(src[c * M + m]);
+struct IsFinite {
+  __device__ bool operator()(scalar_t v) const { return ::isfinite(static_cast<acc_type_t<scalar_t>>(v)); }
+};
+
+// The stage [kTileK][kStageStride] of src[m0.., k0..] (src: [M, K], rows contiguous),
+// zero outside the matrix.
+template <typename scalar_t, typename acc_t>
+__device__ void stage_source(acc_t* stage, const scalar_t* __restrict__ src, int64_t M, int64_t K, int64_t m0,
+                             int64_t k0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll 4
+  for (int step = 0; step < st::kStageSteps; ++step) {
+    int k, m;
+    st::stage_coords(warp, lane, step, k, m);
+    const int64_t gm = m0 + m, gk = k0 + k;
+    stage[k * st::kStageStride + m] = (gm < M && gk < K) ? static_cast<acc_t>(src[gm * K + gk]) : acc_t(0);
   }
-  out[r * M + m] = static_cast<scalar_t>(acc);
 }
 
-// grad_w[r, idx[p]] = dot(a[r, :], b[idx[p], :]) for the kept entries; one warp
-// per kept entry, a block per row.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-sampled_dots(scalar_t* __restrict__ out, int64_t M, int64_t K, const int64_t* __restrict__ ptr,
-             const int64_t* __restrict__ idx, int64_t nnz, const scalar_t* __restrict__ a,
-             const scalar_t* __restrict__ b) {
-  using acc_t = acc_type_t<scalar_t>;
-  using WarpReduce = cub::WarpReduce<acc_t>;
-  __shared__ typename WarpReduce::TempStorage storage[kWarps];
-  const int64_t r = blockIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t begin = ptr[r], end = ptr[r + 1];
-  CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= nnz);
-  for (int64_t p = begin + warp; p < end; p += kWarps) {
-    const int64_t c = idx[p];
-    CUDA_KERNEL_ASSERT(c >= 0 && c < K && (p == begin || idx[p - 1] < c));
-    acc_t s = 0;
-    for (int64_t m = lane; m < M; m += 32) {
-      s += static_cast<acc_t>(a[r * M + m]) * static_cast<acc_t>(b[c * M + m]);
+// Per-slot line bounds of this thread's lines within the columns [first, last).
+struct LineCursors {
+  int64_t next[st::kLinesPerThread];  // first entry not yet used
+  int64_t end[st::kLinesPerThread];   // first entry at or past `last`
+};
+
+__device__ void init_cursors(LineCursors& cur, int64_t line0, int64_t R, const int64_t* __restrict__ ptr,
+                             const int64_t* __restrict__ idx, int64_t nnz, int64_t first, int64_t last) {
+  const int group = threadIdx.x / st::kGroup;
+#pragma unroll
+  for (int j = 0; j < st::kLinesPerThread; ++j) {
+    const int64_t r = st::tile_line(line0, group, j);
+    cur.next[j] = cur.end[j] = 0;
+    if (r >= R) continue;
+    const int64_t b = ptr[r], e = ptr[r + 1];
+    CUDA_KERNEL_ASSERT(b >= 0 && b <= e && e <= nnz);
+    cur.next[j] = st::lower_bound_index(idx, b, e, first);
+    cur.end[j] = st::lower_bound_index(idx, cur.next[j], e, last);
+  }
+}
+
+// One line's entries within the staged chunk [k0, k1), 16 at a time: each
+// thread of the line's group loads one (index, value), then the group walks
+// them in order through shuffles, calling visit(t, stage_column, value) with
+// every thread of the warp (the two groups of a warp loop together; t >= count
+// marks a thread's turn without an entry of its own line). Returns the number
+// of entries used.
+template <typename acc_t, typename scalar_t, typename Visit>
+__device__ int64_t walk_chunk(int64_t r, int64_t p, int64_t e, int64_t k0, int64_t k1, int64_t K,
+                              const int64_t* __restrict__ idx, const scalar_t* __restrict__ w, int64_t w_line,
+                              int64_t w_index, bool need_values, Visit visit) {
+  const int sub = threadIdx.x % st::kGroup;
+  const int half = (threadIdx.x % 32) / st::kGroup * st::kGroup;
+  const int64_t start = p;
+  while (true) {
+    const int64_t q = p + sub;
+    int column = 0;
+    acc_t v = 0;
+    bool in = false;
+    if (q < e) {
+      const int64_t c = idx[q];
+      CUDA_KERNEL_ASSERT(c >= 0 && c < K && (q == start || idx[q - 1] < c));
+      in = c < k1;
+      if (in) {
+        CUDA_KERNEL_ASSERT(c >= k0);
+        column = static_cast<int>(c - k0);
+        if (need_values) v = static_cast<acc_t>(w[r * w_line + c * w_index]);
+      }
     }
-    s = WarpReduce(storage[warp]).Sum(s);
-    if (lane == 0) out[r * K + c] = static_cast<scalar_t>(s);
-    __syncwarp();
+    const unsigned ball = (__ballot_sync(kFullWarp, in) >> half) & 0xffffu;
+    CUDA_KERNEL_ASSERT((ball & (ball + 1)) == 0);  // sorted: the chunk's entries come first
+    const int count = __popc(ball);
+    const int both = max(count, __shfl_xor_sync(kFullWarp, count, st::kGroup));
+    for (int t = 0; t < both; ++t) {
+      const int ct = __shfl_sync(kFullWarp, column, t, st::kGroup);
+      const acc_t vt = __shfl_sync(kFullWarp, v, t, st::kGroup);
+      visit(t, count, p, ct, vt);
+    }
+    p += count;
+    if (!__any_sync(kFullWarp, count == st::kGroup)) break;
+  }
+  return p;
+}
+
+// out[m, r] (+ init[r]) = sum over kept (r, c) of A[r, c] * src[m, c], one
+// tile of kTileM batch rows x kTileR lines and split blockIdx.z; with splits,
+// fp32 partial sums into ws[z, m, r].
+template <typename scalar_t>
+__global__ void __launch_bounds__(st::kThreads)
+tiled_product(scalar_t* __restrict__ out, acc_type_t<scalar_t>* __restrict__ ws, const scalar_t* __restrict__ init,
+              const scalar_t* __restrict__ src, int64_t M, int64_t K, int64_t R, const int64_t* __restrict__ ptr,
+              const int64_t* __restrict__ idx, int64_t nnz, const scalar_t* __restrict__ w, int64_t w_line,
+              int64_t w_index, int64_t chunks_per_split) {
+  using acc_t = acc_type_t<scalar_t>;
+  __shared__ __align__(16) acc_t stage[st::kTileK * st::kStageStride];
+  const int64_t line0 = int64_t(blockIdx.x) * st::kTileR, m0 = int64_t(blockIdx.y) * st::kTileM;
+  const int64_t z = blockIdx.z;
+  const int group = threadIdx.x / st::kGroup, sub = threadIdx.x % st::kGroup;
+  int64_t first, last;
+  st::split_columns(z, chunks_per_split, K, first, last);
+  LineCursors cur;
+  init_cursors(cur, line0, R, ptr, idx, nnz, first, last);
+  acc_t acc[st::kLinesPerThread][4] = {};
+  for (int64_t k0 = first; k0 < last; k0 += st::kTileK) {
+    const int64_t k1 = k0 + st::kTileK < last ? k0 + st::kTileK : last;
+    __syncthreads();  // the previous chunk's stage is no longer read
+    stage_source(stage, src, M, K, m0, k0);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < st::kLinesPerThread; ++j) {
+      const int64_t r = st::tile_line(line0, group, j);
+      cur.next[j] = walk_chunk<acc_t>(r, cur.next[j], cur.end[j], k0, k1, K, idx, w, w_line, w_index, true,
+                                      [&](int t, int count, int64_t, int column, acc_t v) {
+                                        if (t >= count) return;
+                                        const acc_t* row = stage + column * st::kStageStride + 4 * sub;
+                                        acc[j][0] += v * row[0];
+                                        acc[j][1] += v * row[1];
+                                        acc[j][2] += v * row[2];
+                                        acc[j][3] += v * row[3];
+                                      });
+    }
+  }
+  // Out through a [kTileM][kGroup] stage per slot: 16 consecutive lines per row.
+  const bool direct = gridDim.z == 1;
+#pragma unroll
+  for (int j = 0; j < st::kLinesPerThread; ++j) {
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) stage[(4 * sub + i) * st::kGroupStageStride + group] = acc[j][i];
+    __syncthreads();
+#pragma unroll
+    for (int step = 0; step < st::kGroupStageSteps; ++step) {
+      int m, line;
+      st::group_stage_coords(threadIdx.x, step, m, line);
+      const int64_t gm = m0 + m, r = line0 + st::kGroup * j + line;
+      if (gm >= M || r >= R) continue;
+      const acc_t s = stage[m * st::kGroupStageStride + line];
+      if (direct) {
+        out[gm * R + r] = static_cast<scalar_t>(init ? s + static_cast<acc_t>(init[r]) : s);
+      } else {
+        ws[(z * M + gm) * R + r] = s;
+      }
+    }
+  }
+}
+
+// out[m, r] = init[r] + the split sums in split order.
+template <typename scalar_t>
+__global__ void sum_splits(scalar_t* __restrict__ out, const acc_type_t<scalar_t>* __restrict__ ws,
+                           const scalar_t* __restrict__ init, int64_t splits, int64_t M, int64_t R) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t n = M * R;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t z = 0; z < splits; ++z) s += ws[z * n + i];
+    out[i] = static_cast<scalar_t>(init ? s + static_cast<acc_t>(init[i % R]) : s);
+  }
+}
+
+// The dense path's NaN (see masked_nonfinite.cpp): one block per batch row; a
+// row without non-finite values costs one read of it.
+template <typename scalar_t>
+__global__ void nonfinite_like_dense(scalar_t* __restrict__ out, const scalar_t* __restrict__ src, int64_t K,
+                                     int64_t R, const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx,
+                                     int64_t nnz) {
+  const scalar_t* row = src + int64_t(blockIdx.x) * K;
+  const IsFinite<scalar_t> is_finite;
+  bool any = false;
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) any |= !is_finite(row[c]);
+  if (!__syncthreads_or(any)) return;
+  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
+    const int64_t b = ptr[r], e = ptr[r + 1];
+    CUDA_KERNEL_ASSERT(b >= 0 && b <= e && e <= nnz);
+    if (st::meets_nonfinite_through_pruned(row, K, idx, b, e, is_finite)) {
+      out[int64_t(blockIdx.x) * R + r] = static_cast<scalar_t>(__int_as_float(0x7fc00000));  // NaN
+    }
+  }
+}
+
+// Sums of grad_w at the kept entries, into sums[nnz] (CSR positions).
+template <typename scalar_t>
+__global__ void __launch_bounds__(st::kThreads)
+sampled_gradient(acc_type_t<scalar_t>* __restrict__ sums, const scalar_t* __restrict__ gy,
+                 const scalar_t* __restrict__ x, int64_t M, int64_t K, int64_t R, const int64_t* __restrict__ ptr,
+                 const int64_t* __restrict__ idx, int64_t nnz, int64_t chunks_per_split) {
+  using acc_t = acc_type_t<scalar_t>;
+  __shared__ __align__(16) acc_t stage[st::kTileK * st::kStageStride];
+  __shared__ acc_t lines[st::kTileM * st::kGroupStageStride];
+  const int64_t line0 = int64_t(blockIdx.x) * st::kTileR;
+  const int group = threadIdx.x / st::kGroup, sub = threadIdx.x % st::kGroup;
+  int64_t first, last;
+  st::split_columns(blockIdx.y, chunks_per_split, K, first, last);
+  LineCursors start;
+  init_cursors(start, line0, R, ptr, idx, nnz, first, last);
+  for (int64_t m0 = 0; m0 < M; m0 += st::kTileM) {
+    // This thread's grad_y values of the batch chunk: g[j][i] = gy[m0 + 4 sub + i, line j].
+    acc_t g[st::kLinesPerThread][4];
+#pragma unroll
+    for (int j = 0; j < st::kLinesPerThread; ++j) {
+      __syncthreads();
+#pragma unroll
+      for (int step = 0; step < st::kGroupStageSteps; ++step) {
+        int m, line;
+        st::group_stage_coords(threadIdx.x, step, m, line);
+        const int64_t gm = m0 + m, r = line0 + st::kGroup * j + line;
+        lines[m * st::kGroupStageStride + line] = (gm < M && r < R) ? static_cast<acc_t>(gy[gm * R + r]) : acc_t(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) g[j][i] = lines[(4 * sub + i) * st::kGroupStageStride + group];
+    }
+    int64_t next[st::kLinesPerThread];
+#pragma unroll
+    for (int j = 0; j < st::kLinesPerThread; ++j) next[j] = start.next[j];
+    for (int64_t k0 = first; k0 < last; k0 += st::kTileK) {
+      const int64_t k1 = k0 + st::kTileK < last ? k0 + st::kTileK : last;
+      __syncthreads();
+      stage_source(stage, x, M, K, m0, k0);
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < st::kLinesPerThread; ++j) {
+        const int64_t r = st::tile_line(line0, group, j);
+        next[j] = walk_chunk<acc_t, scalar_t>(
+            r, next[j], start.end[j], k0, k1, K, idx, nullptr, 0, 0, false,
+            [&](int t, int count, int64_t p, int column, acc_t) {
+              if (t >= count) column = 0;  // every thread of the warp joins the reduction below
+              const acc_t* row = stage + column * st::kStageStride + 4 * sub;
+              acc_t s = g[j][0] * row[0] + g[j][1] * row[1] + g[j][2] * row[2] + g[j][3] * row[3];
+#pragma unroll
+              for (int offset = st::kGroup / 2; offset > 0; offset /= 2) {
+                s += __shfl_xor_sync(kFullWarp, s, offset, st::kGroup);
+              }
+              if (sub == 0 && t < count) sums[p + t] = (m0 == 0 ? acc_t(0) : sums[p + t]) + s;
+            });
+      }
+    }
+  }
+}
+
+// grad_w[r, idx[p]] = sums[p], one warp per line.
+template <typename scalar_t>
+__global__ void scatter_sums(scalar_t* __restrict__ grad_w, const acc_type_t<scalar_t>* __restrict__ sums,
+                             const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx, int64_t R, int64_t K) {
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= R) return;
+  for (int64_t p = ptr[r] + threadIdx.x % 32; p < ptr[r + 1]; p += 32) {
+    grad_w[r * K + idx[p]] = static_cast<scalar_t>(sums[p]);
   }
 }
 
@@ -136,11 +338,53 @@ void check_cuda_args(const char* op, const at::Tensor& weight, const at::Tensor&
               ": inputs must match weight's dtype and device");
 }
 
-dim3 grid_for(int64_t rows, int64_t M, const char* op) {
-  const int64_t chunks = (M + kThreads - 1) / kThreads;
-  TORCH_CHECK(chunks <= 65535 && rows < (int64_t(1) << 31), op, ": batch of ", M,
-              " rows is too large for one launch");
-  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(std::max<int64_t>(chunks, 1)));
+// A product through the tiled kernel (see tiled_product): out [M, R] from
+// src [M, K] (rows contiguous) and one half of the packed mask.
+struct ProductArgs {
+  const at::Tensor& src;
+  const at::Tensor& ptr;
+  const at::Tensor& idx;
+  const at::Tensor& weight;  // contiguous [out, in]
+  int64_t w_line, w_index;
+  const at::Tensor* init;  // bias or nullptr
+};
+
+at::Tensor tiled_product_cuda(const ProductArgs& a, int64_t R, const char* op) {
+  const int64_t M = a.src.size(0), K = a.src.size(1), nnz = a.idx.numel();
+  at::Tensor out = at::empty({M, R}, a.src.options());
+  if (M == 0 || R == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const st::SplitPlan plan = st::plan_splits(R, M, K, sms);
+  const int64_t line_tiles = (R + st::kTileR - 1) / st::kTileR, batch_tiles = (M + st::kTileM - 1) / st::kTileM;
+  TORCH_CHECK(batch_tiles <= 65535 && plan.splits <= 65535 && line_tiles < (int64_t(1) << 31), op, ": a batch of ",
+              M, " rows through ", R, " outputs is too large for one launch");
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op, ": a batch of ", M, " rows is too large");
+  const dim3 grid(static_cast<unsigned>(line_tiles), static_cast<unsigned>(batch_tiles),
+                  static_cast<unsigned>(plan.splits));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.src.scalar_type(), "sparse_masked_linear_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* init = a.init ? a.init->const_data_ptr<scalar_t>() : nullptr;
+    at::Tensor ws;
+    if (plan.splits > 1) ws = at::empty({plan.splits, M, R}, a.src.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    tiled_product<scalar_t><<<grid, st::kThreads, 0, stream>>>(
+        out.data_ptr<scalar_t>(), plan.splits > 1 ? ws.data_ptr<acc_t>() : nullptr, init,
+        a.src.const_data_ptr<scalar_t>(), M, K, R, a.ptr.const_data_ptr<int64_t>(), a.idx.const_data_ptr<int64_t>(),
+        nnz, a.weight.const_data_ptr<scalar_t>(), a.w_line, a.w_index, plan.chunks_per_split);
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.splits > 1) {
+      const int64_t blocks = std::min<int64_t>((M * R + 255) / 256, int64_t(sms) * 8);
+      sum_splits<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(out.data_ptr<scalar_t>(),
+                                                                            ws.const_data_ptr<acc_t>(), init,
+                                                                            plan.splits, M, R);
+      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    nonfinite_like_dense<scalar_t><<<static_cast<unsigned>(M), 256, 0, stream>>>(
+        out.data_ptr<scalar_t>(), a.src.const_data_ptr<scalar_t>(), K, R, a.ptr.const_data_ptr<int64_t>(),
+        a.idx.const_data_ptr<int64_t>(), nnz);
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -158,24 +402,13 @@ at::Tensor sparse_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weig
   // The CSC half is read only by grad_input, but must describe the mask the
   // forward uses: a stale or foreign half would give a wrong gradient.
   check_halves_agree_cuda(op, weight, row_ptr, col_idx, col_ptr, row_idx);
-  const at::Tensor xt = batch_last(x, in_f);
-  const int64_t M = xt.size(1);
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor rows = as_rows(x, in_f).contiguous();
+  const at::Tensor w = weight.contiguous(), ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  at::Tensor yt = at::empty({out_f, M}, x.options());
-  const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();  // raw reads below
-  if (out_f > 0 && M > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
-      gather_axpy_rows<scalar_t><<<grid_for(out_f, M, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          yt.data_ptr<scalar_t>(), M, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), in_f,
-          idx.numel(), xt.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-          w.const_data_ptr<scalar_t>(), in_f, 1);
-      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  at::Tensor y = from_batch_last(yt, x, out_f);
-  nonfinite_like_dense_linear(y, x, weight, row_ptr, col_idx);  // one host sync (see masked_nonfinite.h)
-  return y;
+  const at::Tensor y = tiled_product_cuda({rows, ptr, idx, w, in_f, 1, has_bias ? &b : nullptr}, out_f, op);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_f;
+  return y.view(shape);
 }
 
 at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& col_ptr,
@@ -185,22 +418,13 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, c
   check_packed_shapes(op, weight, col_ptr, row_idx, in_f + 1, "col_ptr", "row_idx");
   check_cuda_args(op, weight, grad_y, out_f);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor gyt = batch_last(grad_y, out_f);
-  const int64_t M = gyt.size(1);
-  const at::Tensor w = weight.contiguous();
-  at::Tensor gxt = at::empty({in_f, M}, weight.options());
-  const at::Tensor ptr = col_ptr.contiguous(), idx = row_idx.contiguous();
-  if (in_f > 0 && M > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
-      gather_axpy_rows<scalar_t><<<grid_for(in_f, M, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          gxt.data_ptr<scalar_t>(), M, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), out_f,
-          idx.numel(), gyt.const_data_ptr<scalar_t>(), nullptr, w.const_data_ptr<scalar_t>(), 1, in_f);
-      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  at::Tensor gx = from_batch_last(gxt, grad_y, in_f);
-  nonfinite_like_dense_linear_grad_input(gx, grad_y, weight, col_ptr, row_idx);
-  return gx;
+  const at::Tensor rows = as_rows(grad_y, out_f).contiguous();
+  const at::Tensor w = weight.contiguous(), ptr = col_ptr.contiguous(), idx = row_idx.contiguous();
+  // grad_x = grad_y @ (W * mask): lines are W's columns (the CSC half), entry (c, r) is w[r, c].
+  const at::Tensor gx = tiled_product_cuda({rows, ptr, idx, w, 1, in_f, nullptr}, in_f, op);
+  std::vector<int64_t> shape(grad_y.sizes().begin(), grad_y.sizes().end());
+  shape.back() = in_f;
+  return gx.view(shape);
 }
 
 at::Tensor grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -211,20 +435,33 @@ at::Tensor grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const
   check_cuda_args(op, weight, grad_y, out_f);
   check_cuda_args(op, weight, x, in_f);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor gyt = batch_last(grad_y, out_f);
-  const at::Tensor xt = batch_last(x, in_f);
-  TORCH_CHECK(gyt.size(1) == xt.size(1), op, ": grad_y and x must have the same number of rows");
+  const at::Tensor gy = as_rows(grad_y, out_f).contiguous(), xr = as_rows(x, in_f).contiguous();
+  TORCH_CHECK(gy.size(0) == xr.size(0), op, ": grad_y and x must have the same number of rows");
+  const int64_t M = xr.size(0), nnz = col_idx.numel();
   at::Tensor gw = at::zeros({out_f, in_f}, weight.options());  // pruned entries: exactly 0
+  if (out_f == 0 || nnz == 0 || M == 0) return gw;
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
-  if (out_f > 0 && idx.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
-      sampled_dots<scalar_t><<<static_cast<unsigned>(out_f), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          gw.data_ptr<scalar_t>(), xt.size(1), in_f, ptr.const_data_ptr<int64_t>(),
-          idx.const_data_ptr<int64_t>(), idx.numel(), gyt.const_data_ptr<scalar_t>(),
-          xt.const_data_ptr<scalar_t>());
-      PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const st::SplitPlan plan = st::plan_splits(out_f, st::kTileM, in_f, sms);  // one batch tile: the batch is looped
+  const int64_t line_tiles = (out_f + st::kTileR - 1) / st::kTileR;
+  TORCH_CHECK(plan.splits <= 65535 && line_tiles < (int64_t(1) << 31), op, ": weight too large for one launch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_masked_linear_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    at::Tensor sums = at::empty({nnz}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    sampled_gradient<scalar_t><<<dim3(static_cast<unsigned>(line_tiles), static_cast<unsigned>(plan.splits)),
+                                 st::kThreads, 0, stream>>>(sums.data_ptr<acc_t>(), gy.const_data_ptr<scalar_t>(),
+                                                            xr.const_data_ptr<scalar_t>(), M, in_f, out_f,
+                                                            ptr.const_data_ptr<int64_t>(),
+                                                            idx.const_data_ptr<int64_t>(), nnz,
+                                                            plan.chunks_per_split);
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+    const int warps = 8;
+    scatter_sums<scalar_t><<<static_cast<unsigned>((out_f + warps - 1) / warps), warps * 32, 0, stream>>>(
+        gw.data_ptr<scalar_t>(), sums.const_data_ptr<acc_t>(), ptr.const_data_ptr<int64_t>(),
+        idx.const_data_ptr<int64_t>(), out_f, in_f);
+    PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return gw;
 }
 

@@ -11,6 +11,9 @@ Methods, for y = x @ (w * m)^T (+ its backward where timed):
   csr        torch.sparse: (w * m) as a CSR tensor built once, then sparse @ dense
              (forward only; values frozen, which flatters it)
   masked     pyprune masked_linear / masked_conv2d (dense-masked path)
+  zeroed     pyprune masked_linear_prezeroed on a weight already zero at pruned
+             positions (the dense-masked path MaskedLinear takes while its weight
+             is unchanged since it was zeroed, i.e. in training after every step)
   sparse     pyprune sparse_masked_linear / sparse_masked_conv2d (CPU) with the
              mask packed once
   auto       pyprune.nn.MaskedLinear / MaskedConv2d: the path the module picks
@@ -77,11 +80,13 @@ def linear_methods(x, w, b, mask, backward):
     with torch.no_grad():
         module.weight.copy_(w * mask)
         module.bias.copy_(b)
+    module.apply_mask_()  # as after an optimizer step: the module knows its weight is zeroed
     pruned = torch_pruned(torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype), w, b, mask)
     methods = {
         "dense": lambda: F.linear(x, w, b),
         "prune": lambda: pruned(x),
         "masked": lambda: pp.masked_linear(x, w, mask, b),
+        "zeroed": lambda: pp.ops.masked_linear_prezeroed(x, module.weight, mask, module.bias),
         "sparse": lambda: pp.sparse_masked_linear(x, w, packed, b),
         "auto": lambda: module(x),
     }
@@ -169,7 +174,7 @@ def main(argv=None, prog=None):
                 times = run_case(kind, shape_args, density, args.device, dtype, backward)
                 results.append({"case": label, "backward": backward, "density": density, "ms": times})
                 cols = [f"{100 * density:g}%"]
-                for name in ["dense", "prune", "csr", "masked", "sparse", "auto"]:
+                for name in ["dense", "prune", "csr", "masked", "zeroed", "sparse", "auto"]:
                     cols.append(f"{times[name]:.3f}" if name in times else "-")
                 cols.append(f"{times['prune'] / times['auto']:.2f}x")
                 cols.append(f"{times['dense'] / times['auto']:.2f}x")
@@ -178,7 +183,7 @@ def main(argv=None, prog=None):
                 print(f"  {label} {'fwd+bwd' if backward else 'fwd'} {100 * density:g}%: auto {times['auto']:.3f} ms",
                       file=sys.stderr, flush=True)
             print_table(f"{label}, {'forward+backward' if backward else 'forward'}, {args.dtype}, {machine}",
-                        ["density", "dense ms", "prune ms", "csr ms", "masked ms", "sparse ms", "auto ms",
+                        ["density", "dense ms", "prune ms", "csr ms", "masked ms", "zeroed ms", "sparse ms", "auto ms",
                          "auto vs prune", "auto vs dense"], rows)
     if args.json:
         write_json(args.json, {"benchmark": "masked", "machine": machine, "dtype": args.dtype, "results": results})

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from ..masking import ZeroKeeper
+from . import semi_structured
 
 # Density at or below which MaskedLinear uses the sparse path, per device type,
 # when it trains (autograd records the call: forward + backward) and in
@@ -40,9 +41,10 @@ from ..masking import ZeroKeeper
 # sparse kernels work on batch tiles (no whole-matrix transposes), forward+
 # backward breaks even at 30-40% density and the forward alone at 40-50%,
 # whatever the layer size (even 10x100): no minimum size.
-# On CUDA the sparse kernels have not been shown to beat cuBLAS yet, so they run
-# only when asked for (module.sparse_threshold = 1.0 forces the sparse path,
-# 0.0 forbids it).
+# On CUDA the tiled sparse kernels (csrc/cuda/sparse_masked_linear.cu) have
+# not been timed against cuBLAS yet (the GPU check's masked benchmark does), so
+# they run only when asked for (module.sparse_threshold = 1.0 forces the sparse
+# path, 0.0 forbids it); the CUDA entries are to be set from that measurement.
 SPARSE_DENSITY_THRESHOLD = {"cpu": 0.3, "cuda": 0.0}
 SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.4, "cuda": 0.0}
 
@@ -61,6 +63,7 @@ SPARSE_DENSITY_THRESHOLD_INFERENCE = {"cpu": 0.4, "cuda": 0.0}
 SPARSE_CONV_DENSITY_THRESHOLD = {"cpu": 0.25}
 
 _MASKED_LINEAR = torch.ops.pyprune.masked_linear.default
+_MASKED_LINEAR_PREZEROED = torch.ops.pyprune.masked_linear_prezeroed.default
 
 # masked module -> the keeper holding its weight's pruned entries at zero. Kept
 # beside the module, not in it: the module's lifetime is the keeper's (a dropped
@@ -173,7 +176,11 @@ class _MaskedMixin:
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Zeroes the pruned weights in place."""
-        ops.apply_mask_(self.weight, self.mask)
+        keeper = _KEEPERS.get(self)
+        if keeper is not None and self.weight in keeper:  # it holds exactly this mask (shared)
+            keeper.zero_now()  # the same pass, and the keeper then knows the weight is clean
+        else:
+            ops.apply_mask_(self.weight, self.mask)
 
     @property
     def density(self) -> float:
@@ -184,6 +191,17 @@ class _MaskedMixin:
     def sparsity(self) -> float:
         """Fraction of weights pruned."""
         return 1.0 - self.density
+
+    def _weight_zeroed(self) -> bool:
+        """Whether the weight is still zero at every pruned position since the
+        keeper last zeroed it (after set_mask, apply_mask_ and every optimizer
+        step), by version counters: then the dense-masked path can multiply by
+        the weight itself, with no masked copy. Not under torch.compile (a
+        version counter is not known at trace time)."""
+        if torch.compiler.is_compiling():
+            return False
+        keeper = _KEEPERS.get(self)
+        return keeper is not None and keeper.zeroed(self.weight)
 
     def _use_sparse(self, x: Tensor) -> bool:
         training, inference = self._sparse_path
@@ -234,15 +252,78 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     At or below ``sparse_threshold`` density (default None: the device's entry
     in ``SPARSE_DENSITY_THRESHOLD`` when autograd records the call, in
     ``SPARSE_DENSITY_THRESHOLD_INFERENCE`` when it does not; 0 disables, 1
-    forces) it runs the
-    sparse kernels; otherwise the dense-masked op.
+    forces) it runs the sparse kernels. A 2:4 mask on a GPU with sparse tensor
+    cores (float16 / bfloat16) runs the semi-structured path (see
+    ``semi_structured``). Otherwise the dense-masked path: torch's own GEMM on
+    the weight itself while the weight is known to be zero at its pruned
+    positions (since the last zeroing: ``set_mask``, ``apply_mask_``, every
+    optimizer step; tracked by version counters, so in-place writes through
+    ``weight.data`` are not seen, as autograd does not see them), the
+    masking op otherwise.
     """
 
     _SPARSE_DEVICES = ("cpu", "cuda")
+    # Class defaults: modules pickled before the 2:4 path existed load with it off
+    # until their next path choice.
+    _semi_structured_setting: Optional[bool] = None
+    _semi_structured = False
+    _compressed = None
 
     @staticmethod
     def _threshold_table(training: bool) -> Dict[str, float]:
         return SPARSE_DENSITY_THRESHOLD if training else SPARSE_DENSITY_THRESHOLD_INFERENCE
+
+    @property
+    def semi_structured(self) -> Optional[bool]:
+        """The 2:4 sparse-tensor-core path (:mod:`pyprune_ext.nn.semi_structured`):
+        None (default) takes it when the mask is 2:4 and the layer is on a GPU
+        that runs it, False never, True requires it (ValueError naming why not)."""
+        return self._semi_structured_setting
+
+    @semi_structured.setter
+    def semi_structured(self, value: Optional[bool]) -> None:
+        if value not in (None, True, False):
+            raise ValueError(f"semi_structured must be None, True or False, got {value!r}")
+        self._semi_structured_setting = value
+        self._choose_path()
+
+    def _choose_path(self) -> None:
+        super()._choose_path()
+        self._semi_structured, self._compressed = False, None
+        setting = self._semi_structured_setting
+        if setting is False or self.mask.is_meta:
+            return
+        reason = semi_structured.unsupported_reason(self.weight, self.mask)
+        if reason is None and setting is None and any(self._sparse_path):
+            reason = "the sparse path was chosen for this density"
+        if reason is None:
+            try:  # PyTorch's own shape limits, found by compressing once now
+                self._compressed = ((self.weight, self.weight._version, self.mask._version, False),
+                                    semi_structured.compress(ops.apply_mask(self.weight.detach(), self.mask)))
+            except (RuntimeError, ValueError) as err:
+                reason = f"PyTorch cannot make a semi-structured tensor of it: {err}"
+        if reason is not None and setting:
+            raise ValueError(f"MaskedLinear({self.in_features}, {self.out_features}): semi_structured=True, "
+                             f"but {reason}")
+        self._semi_structured = reason is None
+
+    def __getstate__(self):  # copies and pickles compress again when first used
+        state = self.__dict__.copy()
+        state["_compressed"] = None
+        return state
+
+    def _semi_structured_forward(self, x: Tensor) -> Tensor:
+        zeroed = self._weight_zeroed()
+        key = (self.weight, self.weight._version, self.mask._version, zeroed)
+        cached = self._compressed
+        if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
+            weight = self.weight if zeroed else ops.apply_mask(self.weight.detach(), self.mask)
+            cached = self._compressed = (key, semi_structured.compress(weight))
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return semi_structured.SemiStructuredLinear.apply(x, self.weight, self.mask, self.bias, cached[1],
+                                                               zeroed)
+        return F.linear(x, cached[1], self.bias)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mask: Optional[Tensor] = None, device=None, dtype=None):
@@ -259,7 +340,11 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self._sparse_path != (False, False) and self._use_sparse(x):
             return ops.sparse_masked_linear(x, self.weight, self.packed(), self.bias)
-        # the op itself, not the ops wrapper: one Python call less on every dense-masked step
+        if self._semi_structured and not torch.compiler.is_compiling():
+            return self._semi_structured_forward(x)
+        # The ops themselves, not the ops wrappers: one Python call less per step.
+        if self._weight_zeroed():
+            return _MASKED_LINEAR_PREZEROED(x, self.weight, self.mask, self.bias)
         return _MASKED_LINEAR(x, self.weight, self.mask, self.bias)
 
     def to_dense(self) -> nn.Linear:

@@ -70,6 +70,14 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
     return torch.ops.pyprune.masked_linear.default(x, weight, mask, bias)
 
 
+def masked_linear_prezeroed(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`masked_linear` for a ``weight`` that is already zero where ``mask`` is
+    False: ``x @ weight^T + bias`` by torch's own GEMM, with no masked copy of
+    the weight; the weight's gradient is masked as :func:`masked_linear`'s. A
+    nonzero pruned weight is used as it is (that is the caller's promise)."""
+    return torch.ops.pyprune.masked_linear_prezeroed.default(x, weight, mask, bias)
+
+
 def masked_conv2d(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
                   stride: Sequence[int] | int = 1, padding: Sequence[int] | int = 0,
                   dilation: Sequence[int] | int = 1, groups: int = 1) -> Tensor:
@@ -147,6 +155,12 @@ def _check_masked_linear_fake(op, x, weight, mask, bias):
 @torch.library.register_fake("pyprune::masked_linear")
 def _masked_linear_fake(x, weight, mask, bias=None):
     _check_masked_linear_fake("masked_linear", x, weight, mask, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("pyprune::masked_linear_prezeroed")
+def _masked_linear_prezeroed_fake(x, weight, mask, bias=None):
+    _check_masked_linear_fake("masked_linear_prezeroed", x, weight, mask, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
