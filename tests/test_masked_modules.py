@@ -377,3 +377,38 @@ def test_semi_structured_path_matches_the_masked_layer(dtype):
     assert (y2.double() - want).abs().max() <= 2e-2 * want.abs().max()
     layer.semi_structured = False
     assert not layer._semi_structured
+
+
+def test_semi_structured_logic_with_a_stand_in_compression(monkeypatch):
+    """The path's own logic on the CPU: PyTorch's compression replaced by a dense
+    copy, so choice, caching and gradients are checked without a GPU."""
+    from pyprune_ext.nn import semi_structured
+    compressed = []
+
+    def stand_in(weight):
+        compressed.append(weight._version)
+        return weight.detach().clone()
+
+    monkeypatch.setattr(semi_structured, "unsupported_reason", lambda weight, mask: None)
+    monkeypatch.setattr(semi_structured, "compress", stand_in)
+    torch.manual_seed(0)
+    layer = MaskedLinear(64, 32, mask=two_four_mask(32, 64))
+    assert layer._semi_structured and len(compressed) == 1
+    x = torch.randn(5, 64, requires_grad=True)
+    y = layer(x)
+    assert len(compressed) == 1  # unchanged weight: the compressed one is reused
+    wm = layer.weight.detach() * layer.mask
+    torch.testing.assert_close(y, x @ wm.T + layer.bias)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    torch.testing.assert_close(x.grad, gy @ wm)
+    torch.testing.assert_close(layer.weight.grad, (gy.T @ x.detach()) * layer.mask)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (layer.weight * layer.mask).T + layer.bias)
+    assert len(compressed) == 2  # compressed again after the step
+    with torch.no_grad():
+        layer.weight[~layer.mask] = 3.0  # not zeroed any more: the masked weight is compressed
+        torch.testing.assert_close(layer(x), x @ (layer.weight * layer.mask).T + layer.bias)
+    layer.semi_structured = False
+    assert not layer._semi_structured

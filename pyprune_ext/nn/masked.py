@@ -298,8 +298,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
             reason = "the sparse path was chosen for this density"
         if reason is None:
             try:  # PyTorch's own shape limits, found by compressing once now
-                self._compressed = ((self.weight, self.weight._version, self.mask._version, False),
-                                    semi_structured.compress(ops.apply_mask(self.weight.detach(), self.mask)))
+                self._compressed_weight(self._weight_zeroed())
             except (RuntimeError, ValueError) as err:
                 reason = f"PyTorch cannot make a semi-structured tensor of it: {err}"
         if reason is not None and setting:
@@ -312,18 +311,24 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         state["_compressed"] = None
         return state
 
+    def _compressed_weight(self, zeroed: bool) -> Tensor:
+        """The semi-structured masked weight, compressed again only when the weight
+        (or its mask) changed since the last time (version counters)."""
+        key = (self.weight._version, self.mask._version, zeroed)
+        cached = self._compressed
+        if cached is None or cached[0] is not self.weight or cached[1] != key:
+            weight = self.weight if zeroed else ops.apply_mask(self.weight.detach(), self.mask)
+            cached = self._compressed = (self.weight, key, semi_structured.compress(weight))
+        return cached[2]
+
     def _semi_structured_forward(self, x: Tensor) -> Tensor:
         zeroed = self._weight_zeroed()
-        key = (self.weight, self.weight._version, self.mask._version, zeroed)
-        cached = self._compressed
-        if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
-            weight = self.weight if zeroed else ops.apply_mask(self.weight.detach(), self.mask)
-            cached = self._compressed = (key, semi_structured.compress(weight))
+        compressed = self._compressed_weight(zeroed)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
-            return semi_structured.SemiStructuredLinear.apply(x, self.weight, self.mask, self.bias, cached[1],
+            return semi_structured.SemiStructuredLinear.apply(x, self.weight, self.mask, self.bias, compressed,
                                                                zeroed)
-        return F.linear(x, cached[1], self.bias)
+        return F.linear(x, compressed, self.bias)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mask: Optional[Tensor] = None, device=None, dtype=None):
