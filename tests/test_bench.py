@@ -45,3 +45,5 @@ def test_semi_structured_says_it_needs_a_gpu():
         bench.run("semi_structured", [])
     with pytest.raises(SystemExit):
         bench.run("semi_structured", ["--batches", "many"])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):  # what `pyprune bench semi_structured --device cpu` passes
+        bench.run("semi_structured", ["--device", "cpu", "--quick", "--json", "unused.json"])

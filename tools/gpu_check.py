@@ -395,7 +395,7 @@ def bench_commands(ctx: Context) -> dict:
                                      "--dtype", "bfloat16", "--only", "4096", "--json", str(out / "masked_bf16.json")]
     # issue 22's 2:4 target (CUDA only, so not in `bench all`)
     commands["bench semi_structured"] = [ctx.python, "-m", "pyprune_ext", "bench", "semi_structured",
-                                         "--json", str(out / "semi_structured.json")]
+                                         "--device", "cuda", "--json-dir", str(out)]
     return {label: argv for label, argv in commands.items() if label.removeprefix("bench ") in ctx.benches}
 
 

@@ -1,7 +1,7 @@
 """2:4 MaskedLinear on sparse tensor cores against dense cuBLAS (CUDA only).
 
-    pyprune bench semi_structured [--dtype bfloat16|float16] [--batches 2048,4096,8192] [--json FILE]
-    python -m pyprune_ext.bench.semi_structured [same options]
+    pyprune bench semi_structured [--quick] [--json-dir DIR]
+    python -m pyprune_ext.bench.semi_structured [--dtype bfloat16|float16] [--batches 2048,4096,8192] [--json FILE]
 
 For a 4096x4096 layer with a 2:4 mask (magnitude, along in_features), in one run
 on the same inputs:
@@ -76,7 +76,9 @@ def run_batch(batch, dtype):
 
 def main(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="cuda only (the CPU has no 2:4 path)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true", help="batch 2048 only")
     parser.add_argument("--batches", default="2048,4096,8192", help="comma-separated batch sizes")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -84,7 +86,9 @@ def main(argv=None, prog=None):
         batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if not torch.cuda.is_available():
+    if args.quick:
+        batches = batches[:1]
+    if args.device != "cuda" or not torch.cuda.is_available():
         sys.exit("pyprune bench semi_structured: needs a CUDA GPU with 2:4 sparse tensor cores (compute capability 8.0+)")
     dtype = getattr(torch, args.dtype)
     machine = machine_name("cuda")

@@ -126,8 +126,8 @@ def _lottery_parser(sub, shared) -> None:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help=COMMANDS["bench"], description=COMMANDS["bench"])
     p.add_argument("name", nargs="?", default="all",
-                   help="taylor, masked, magnitude, coverage or all (default: every one but coverage, "
-                        "which is slow)")
+                   help="taylor, masked, magnitude, coverage, semi_structured or all (default: every one "
+                        "but coverage, which is slow, and semi_structured, which needs a GPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     p.add_argument("--quick", action="store_true", help="a few small cases")
     p.add_argument("--json-dir", metavar="DIR", type=output_folder, help="also write <DIR>/<name>.json")
