@@ -89,6 +89,20 @@ TORCH_LIBRARY(pyprune, m) {
       "_sparse_tiles_product_emulated(Tensor src, Tensor weight, Tensor ptr, Tensor idx, int w_line, "
       "int w_index, int lines, int sms, Tensor? init=None) -> Tensor");
   m.def("_sparse_tiles_sampled_emulated(Tensor grad_y, Tensor x, Tensor ptr, Tensor idx, int sms) -> Tensor");
+  // The CUDA sparse convolution kernels' tiled scheme emulated on the CPU
+  // (tests only; csrc/cpu/sparse_conv_tiles_emulated.cpp), with the arguments of
+  // the ops they stand for; stage_bytes stands for the shared memory of a
+  // block (small values force many source chunks), sms for the GPU's
+  // multiprocessor count (it sets grad_weight's splits).
+  m.def(
+      "_sparse_conv2d_tiles_emulated(Tensor x, Tensor weight, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int stage_bytes) -> Tensor");
+  m.def(
+      "_sparse_conv2d_grad_input_tiles_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int stage_bytes) -> Tensor");
+  m.def(
+      "_sparse_conv2d_grad_weight_tiles_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int sms) -> Tensor");
   // Global magnitude selection for lottery-ticket pruning (one threshold over
   // many weight tensors): among the weights their bool masks keep, the k with
   // the smallest |w| go, ties at the threshold in (list index, flat index)

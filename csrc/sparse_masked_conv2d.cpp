@@ -2,11 +2,12 @@
 // in packed form (mask_pack(mask.view(out, -1)): CSR over out channels), for
 // every stride, padding, dilation and groups.
 //
-// Here: argument checks, the autograd function, and a clear error on devices
-// without a kernel. The CPU kernels (csrc/cpu/sparse_masked_conv2d.cpp): a
-// direct sparse convolution forward, and for stride 1 (padding <= dilation *
-// (kernel - 1)) a sparse backward (grad_x as a sparse transposed convolution,
-// grad_w at the kept positions only). Other geometries take the dense-masked
+// Here: argument checks, the entries by input channel that grad_input reads on
+// CUDA, and the autograd function. The kernels: a direct sparse convolution
+// forward, and for stride 1 (padding <= dilation * (kernel - 1)) a sparse
+// backward (grad_x as a sparse transposed convolution, grad_w at the kept
+// positions only), on the CPU (csrc/cpu/sparse_masked_conv2d.cpp) and CUDA
+// (csrc/cuda/sparse_masked_conv2d.cu). Other geometries take the dense-masked
 // backward: torch's convolution backward on the masked filter bank, its weight
 // gradient masked.
 #include <pyprune/masked.h>
@@ -51,18 +52,35 @@ void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Ten
   check_packed_shapes(op, w2d, row_ptr, col_idx, weight.size(0) + 1, "row_ptr", "col_idx");
 }
 
+ConvEntries transposed_conv_entries(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    int64_t groups) {
+  const int64_t O = weight.size(0), per_group = weight.size(1), taps = weight.size(2) * weight.size(3);
+  const int64_t C = per_group * groups, out_per_group = O / groups, nnz = col_idx.numel();
+  // output_size given: no host sync to size the result
+  const at::Tensor line = at::repeat_interleave(at::diff(row_ptr), std::optional<int64_t>(nnz));  // each entry's output channel
+  const at::Tensor source = at::div(col_idx, taps, "floor"), mirrored = (taps - 1) - col_idx.remainder(taps);
+  const at::Tensor group = at::div(line, out_per_group, "floor");
+  const at::Tensor channel = group * per_group + source, line_in_group = line - group * out_per_group;
+  // by input channel, then output channel, then mirrored tap: keys sorted within each line
+  const at::Tensor order = at::argsort((channel * O + line) * taps + mirrored);
+  ConvEntries e;
+  e.ptr = at::searchsorted(channel.index_select(0, order), at::arange(C + 1, col_idx.options()));
+  e.key = (line_in_group * taps + mirrored).index_select(0, order);
+  e.values = weight.reshape({-1}).index_select(0, (line * (per_group * taps) + col_idx).index_select(0, order));
+  return e;
+}
+
 namespace {
 
 using SparseConvGrad = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const at::Tensor&, at::IntArrayRef, at::IntArrayRef, int64_t);
 
-// Whether the sparse backward kernels serve this call (CPU float32/float64,
-// stride 1, padding within the dilated kernel's reach).
+// Whether the sparse backward kernels serve this call (CPU float32/float64 or
+// CUDA, stride 1, padding within the dilated kernel's reach).
 bool sparse_backward_applies(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation) {
-  if (!weight.device().is_cpu() || (weight.scalar_type() != at::kFloat && weight.scalar_type() != at::kDouble)) {
-    return false;
-  }
+  const bool cpu_dtype = weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble;
+  if (!(weight.device().is_cuda() || (weight.device().is_cpu() && cpu_dtype))) return false;
   for (int i = 0; i < 2; ++i) {
     if (stride[i] != 1 || padding[i] > dilation[i] * (weight.size(2 + i) - 1)) return false;
   }
@@ -132,30 +150,10 @@ at::Tensor sparse_masked_conv2d_autograd(const at::Tensor& x, const at::Tensor& 
   return SparseMaskedConv2d::apply(x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
 }
 
-at::Tensor sparse_masked_conv2d_no_kernel(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
-                                          at::IntArrayRef, at::IntArrayRef, int64_t) {
-  TORCH_CHECK(false, "sparse_masked_conv2d: no kernel for ", x.device().type(),
-              " tensors yet (CPU only); use masked_conv2d");
-}
-
-at::Tensor sparse_conv2d_grad_no_kernel(const at::Tensor& grad_y, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                        int64_t) {
-  TORCH_CHECK(false, "sparse_masked_conv2d's backward: no kernel for ", grad_y.device().type(),
-              " tensors yet (CPU only)");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
   m.impl("sparse_masked_conv2d", &sparse_masked_conv2d_autograd);
-}
-
-TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
-  m.impl("sparse_masked_conv2d", &sparse_masked_conv2d_no_kernel);
-  m.impl("sparse_masked_conv2d_grad_input", &sparse_conv2d_grad_no_kernel);
-  m.impl("sparse_masked_conv2d_grad_weight", &sparse_conv2d_grad_no_kernel);
 }
 
 }  // namespace pyprune

@@ -170,15 +170,6 @@ def test_sparse_conv2d_bad_input():
         conv(x, w, packed, b, groups=3)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sparse_conv2d_says_it_has_no_cuda_kernel():
-    x, w, b, mask, args = make_conv(GEOMETRIES[0], 0.4, torch.float32)
-    packed = pp.mask_pack(mask.cuda())
-    with pytest.raises(RuntimeError, match="no kernel for cuda"):
-        pp.sparse_masked_conv2d(x.cuda(), w.cuda(), packed, b.cuda(), **args)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparse_conv2d_every_row_width(dtype):
     # Every split of an output row into 4-vector segments and a 1-4 vector rest

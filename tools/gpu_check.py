@@ -72,9 +72,9 @@ MIN_STEP = 20               # a step is not started with less time than this lef
 BENCH_ALL = ("masked", "taylor", "magnitude")
 BENCHES = BENCH_ALL + ("masked_bf16", "semi_structured")
 MEMCHECK_TESTS = ["tests/test_masked_ops.py", "tests/test_sparse_tiles.py", "tests/test_masked_modules.py",
-                  "tests/test_magnitude.py",
+                  "tests/test_magnitude.py", "tests/test_sparse_conv_tiles.py",
                   "tests/test_sparse_conv.py", "tests/test_taylor_stats.py", "tests/test_taylor_stats_contract.py"]
-RACECHECK_TESTS = ["tests/test_sparse_tiles.py", "tests/test_taylor_stats.py", "tests/test_taylor_stats_contract.py",
+RACECHECK_TESTS = ["tests/test_sparse_tiles.py", "tests/test_sparse_conv_tiles.py", "tests/test_taylor_stats.py", "tests/test_taylor_stats_contract.py",
                    "tests/test_magnitude.py"]
 # torch.compile under the sanitizer spends its time compiling Triton kernels, not in
 # ours; cases named slow_under_sanitizer repeat small ones' code paths at sizes

@@ -94,9 +94,7 @@ def masked_linear_time_ratio(bench):
 
 def sparse_conv_speedup(bench):
     rows = select(masked_rows(bench), CONV_CASES, True, LOW_DENSITY)
-    return worst(ratio_table(rows, "dense", "sparse",
-                             "no CUDA sparse_masked_conv2d yet (issue 22): the masked benchmark times "
-                             "the sparse convolution on the CPU only"), lowest=True)
+    return worst(ratio_table(rows, "dense", "sparse", SPARSE_MISSING), lowest=True)
 
 
 def nm_speedup(bench):

@@ -14,8 +14,8 @@ Methods, for y = x @ (w * m)^T (+ its backward where timed):
   zeroed     pyprune masked_linear_prezeroed on a weight already zero at pruned
              positions (the dense-masked path MaskedLinear takes while its weight
              is unchanged since it was zeroed, i.e. in training after every step)
-  sparse     pyprune sparse_masked_linear / sparse_masked_conv2d (CPU) with the
-             mask packed once
+  sparse     pyprune sparse_masked_linear / sparse_masked_conv2d with the mask
+             packed once
   auto       pyprune.nn.MaskedLinear / MaskedConv2d: the path the module picks
 """
 
@@ -110,7 +110,7 @@ def conv_methods(x, w, b, mask, backward, stride=1):
         "masked": lambda: pp.masked_conv2d(x, w, mask, b, stride=stride, padding=1),
         "auto": lambda: module(x),
     }
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if x.device.type == "cuda" or x.dtype in (torch.float32, torch.float64):  # the sparse kernels' dtypes
         packed = pp.mask_pack(mask)
         methods["sparse"] = lambda: pp.sparse_masked_conv2d(x, w, packed, b, stride=stride, padding=1)
     return methods, [w, b, module.weight, module.bias, pruned.weight_orig, pruned.bias, x]

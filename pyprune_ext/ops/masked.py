@@ -13,8 +13,9 @@ Two paths compute the same function, ``y = x @ (weight * mask)^T + bias``:
   from the dense ``weight`` (so the values always follow the optimizer) and
   does O(nnz * batch) work. Backward: a transposed sparse product for
   ``grad_x`` and a sampled dense-dense product for ``grad_weight`` at kept
-  positions only. CPU, float32/float64. ``sparse_masked_conv2d`` is a direct
-  sparse convolution (no im2col); its backward is sparse for stride 1 and
+  positions only. CPU float32/float64; CUDA float32/float64/bfloat16/float16
+  (tiled kernels, fp32 sums). ``sparse_masked_conv2d`` is a direct sparse
+  convolution (no im2col); its backward is sparse for stride 1 and
   dense-masked otherwise.
 """
 
@@ -92,7 +93,8 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
 def sparse_masked_linear(x: Tensor, weight: Tensor, packed: PackedMask,
                          bias: Optional[Tensor] = None) -> Tensor:
     """Same result as :func:`masked_linear` with the mask given in packed form;
-    reads only the kept weights. CPU, float32/float64."""
+    reads only the kept weights. CPU float32/float64; CUDA float32/float64/
+    bfloat16/float16 (tiled kernels, fp32 sums)."""
     return torch.ops.pyprune.sparse_masked_linear.default(x, weight, *packed, bias)
 
 
@@ -101,7 +103,10 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, packed: PackedMask, bias: Op
                          dilation: Sequence[int] | int = 1, groups: int = 1) -> Tensor:
     """Same result as :func:`masked_conv2d` for x [N, C, H, W], the mask given
     as ``mask_pack(mask)``; the forward reads only the kept weights (direct
-    sparse convolution). CPU, float32/float64. The backward is sparse for
+    sparse convolution). CPU float32/float64; CUDA float32/float64/bfloat16/
+    float16 (a geometry whose input window of one tile does not fit in shared
+    memory, e.g. a huge dilation, takes the dense-masked convolution there).
+    The backward is sparse for
     stride 1 (padding <= dilation * (kernel - 1)), else torch's convolution
     backward on ``weight * mask``."""
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731

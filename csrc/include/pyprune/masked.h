@@ -62,6 +62,18 @@ void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Ten
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
+// A convolution's kept weights by input channel, for grad_input as a direct
+// convolution (see pyprune/sparse_conv_tiles.h): line c (input channel) holds
+// the kept weights (o, c, ty, tx) of the output channels o of its group, key =
+// o_in_group * kh*kw + the mirrored tap (kh-1-ty) * kw + (kw-1-tx), keys sorted
+// within a line; values gathered from weight in that order. Torch ops on the
+// weight's device, no host sync (csrc/sparse_masked_conv2d.cpp).
+struct ConvEntries {
+  at::Tensor ptr, key, values;  // [C + 1], [nnz], [nnz]
+};
+ConvEntries transposed_conv_entries(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    int64_t groups);
+
 // masked_linear (csrc/masked_linear.cpp): argument checks of the op and of its
 // two gradient ops, and the generic kernels that mask the whole weight at once.
 void check_masked_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
