@@ -57,11 +57,11 @@ void nonfinite_like_dense_conv2d(at::Tensor& y, const at::Tensor& x, const at::T
 void nonfinite_like_dense_conv2d_grad_input(at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x,
                                             const at::Tensor& weight, const at::Tensor& row_ptr,
                                             const at::Tensor& col_idx, at::IntArrayRef padding,
-                                            at::IntArrayRef dilation, int64_t groups) {
+                                            at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride) {
   if (all_finite(grad_y)) return;
   const at::Tensor pruned = mask_from_pack(row_ptr, col_idx, weight).logical_not().to(at::kFloat);
   const at::Tensor met = std::get<0>(at::convolution_backward(
-      indicator(grad_y), at::empty_like(x, x.options().dtype(at::kFloat)), pruned, std::nullopt, {1, 1}, padding,
+      indicator(grad_y), at::empty_like(x, x.options().dtype(at::kFloat)), pruned, std::nullopt, stride, padding,
       dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, false, false}));
   set_nan_where(grad_x, met);
 }
@@ -69,7 +69,7 @@ void nonfinite_like_dense_conv2d_grad_input(at::Tensor& grad_x, const at::Tensor
 void nonfinite_like_dense_conv2d_grad_weight(at::Tensor& grad_w, const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& weight, const at::Tensor& row_ptr,
                                              const at::Tensor& col_idx, at::IntArrayRef padding,
-                                             at::IntArrayRef dilation, int64_t groups) {
+                                             at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride) {
   if (all_finite(grad_y)) return;
   // The dense weight gradient also multiplies grad_y by the zero padding of x,
   // which the sparse kernel never reads: an inf in grad_y whose window reaches
@@ -79,7 +79,7 @@ void nonfinite_like_dense_conv2d_grad_weight(at::Tensor& grad_w, const at::Tenso
                                x.options().dtype(at::kFloat));
   border.narrow(2, padding[0], H).narrow(3, padding[1], W).zero_();
   const at::Tensor met = std::get<1>(at::convolution_backward(
-      indicator(grad_y), border, at::empty_like(weight, weight.options().dtype(at::kFloat)), std::nullopt, {1, 1},
+      indicator(grad_y), border, at::empty_like(weight, weight.options().dtype(at::kFloat)), std::nullopt, stride,
       {0, 0}, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {false, true, false}));
   const at::Tensor kept = mask_from_pack(row_ptr, col_idx, weight);
   grad_w.masked_fill_((met > 0).logical_and_(kept), std::numeric_limits<double>::quiet_NaN());

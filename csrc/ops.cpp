@@ -62,15 +62,16 @@ TORCH_LIBRARY(pyprune, m) {
       "sparse_masked_conv2d(Tensor x, Tensor weight, Tensor row_ptr, Tensor col_idx, Tensor? bias=None, "
       "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
       tags);
-  // Its backward for stride 1 (and padding <= dilation * (kernel - 1)): grad_x
-  // as a sparse transposed convolution, grad_w at the kept positions only.
+  // Its backward: grad_x as a sparse transposed convolution, grad_w at the kept
+  // positions only. The CPU kernels need stride 1 and padding <= dilation *
+  // (kernel - 1); the CUDA kernels take every geometry.
   m.def(
       "sparse_masked_conv2d_grad_input(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
-      "Tensor col_idx, int[2] padding, int[2] dilation, int groups) -> Tensor",
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int[2] stride=1) -> Tensor",
       tags);
   m.def(
       "sparse_masked_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
-      "Tensor col_idx, int[2] padding, int[2] dilation, int groups) -> Tensor",
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int[2] stride=1) -> Tensor",
       tags);
   m.def(
       "sparse_masked_linear_grad_input(Tensor grad_y, Tensor weight, Tensor col_ptr, "
@@ -99,10 +100,10 @@ TORCH_LIBRARY(pyprune, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups, int stage_bytes) -> Tensor");
   m.def(
       "_sparse_conv2d_grad_input_tiles_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
-      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int stage_bytes) -> Tensor");
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int[2] stride, int stage_bytes) -> Tensor");
   m.def(
       "_sparse_conv2d_grad_weight_tiles_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor row_ptr, "
-      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int sms) -> Tensor");
+      "Tensor col_idx, int[2] padding, int[2] dilation, int groups, int[2] stride, int sms) -> Tensor");
   // Global magnitude selection for lottery-ticket pruning (one threshold over
   // many weight tensors): among the weights their bool masks keep, the k with
   // the smallest |w| go, ties at the threshold in (list index, flat index)

@@ -101,6 +101,9 @@ def test_sparse_conv2d_gradient_ops_refuse_other_geometries():
     gy = torch.randn(2, 4, 7, 9)
     with pytest.raises(RuntimeError, match="needs stride 1 and padding <= dilation"):
         torch.ops.pyprune.sparse_masked_conv2d_grad_input(gy, x, w, packed.row_ptr, packed.col_idx, [3, 3], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="needs stride 1 and padding <= dilation"):  # the CPU kernels
+        torch.ops.pyprune.sparse_masked_conv2d_grad_weight(torch.randn(2, 4, 4, 5), x, w, packed.row_ptr,
+                                                           packed.col_idx, [1, 1], [1, 1], 1, [2, 2])
     with pytest.raises(RuntimeError, match="grad_y must be \\[2, 4, 7, 9\\]"):
         torch.ops.pyprune.sparse_masked_conv2d_grad_weight(gy[:, :3], x, w, packed.row_ptr, packed.col_idx,
                                                            [1, 1], [1, 1], 1)

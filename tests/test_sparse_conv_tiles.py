@@ -29,8 +29,10 @@ GEOMETRIES = [
     (1, 20, 9, 300, 20, 3, 1, 1, 1, 1),                     # column tiles (300 > 256), 2 line tiles
     (2, 40, 6, 6, 3, 3, 1, 1, 1, 1),                        # > 32 entries of a line per chunk
     (1, 8, 28, 28, 18, 3, 2, 1, 1, 1),                      # several pixel tiles at stride 2
+    (2, 3, 6, 7, 4, 3, 1, 3, 1, 1),                         # padding > kernel reach: grad_input's is negative
+    (1, 4, 11, 12, 5, (3, 2), (3, 2), (1, 0), (2, 1), 1),   # stride 3 with dilation 2: phases of 1-2 taps
+    (2, 4, 9, 9, 6, 1, 2, 0, 1, 1),                         # 1x1 stride 2: phases no tap reaches
 ]
-STRIDE_1 = [g for g, geometry in enumerate(GEOMETRIES) if geometry[6] == 1]
 
 
 def pair(v):
@@ -66,7 +68,7 @@ def assert_close_rel(got, want, dtype):
 
 
 def grad_args(args):
-    return args["padding"], args["dilation"], args["groups"]
+    return args["padding"], args["dilation"], args["groups"], args["stride"]
 
 
 @pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
@@ -79,9 +81,10 @@ def test_emulated_forward_matches_reference(geometry, density, dtype):
     assert_close_rel(got, reference(x, w, b, mask, args), dtype)
 
 
-@pytest.mark.parametrize("geometry", STRIDE_1)
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
 @pytest.mark.parametrize("density", [1.0, 0.3, 0.05])
 def test_emulated_gradients_match_reference(geometry, density):
+    # every stride: grad_input one direct convolution per stride phase of grad_x
     x, w, b, mask, args = make_conv(GEOMETRIES[geometry], density, torch.float64, seed=geometry)
     packed = pp.mask_pack(mask)
     gy = torch.randn(reference(x, w, b, mask, args).shape, dtype=torch.float64)
@@ -154,21 +157,20 @@ def test_cuda_sparse_conv_ops_match_reference(geometry, dtype, density):
     assert y.dtype == dtype
     assert_close_rel(y, reference(x, w, b, mask, args), dtype)
     assert torch.equal(y, pp.sparse_masked_conv2d(x, w, packed, b, **args))  # the same bits run to run
-    if args["stride"] == [1, 1]:
-        gy = torch.randn(y.shape, device="cuda", dtype=torch.float64).to(dtype)
-        _, want_gx, want_gw = reference(x, w, b, mask, args, gy)
-        op_args = (gy, x, w, packed.row_ptr, packed.col_idx, *grad_args(args))
-        gx = E.sparse_masked_conv2d_grad_input(*op_args)
-        gw = E.sparse_masked_conv2d_grad_weight(*op_args)
-        assert_close_rel(gx, want_gx, dtype)
-        assert_close_rel(gw, want_gw, dtype)
-        assert not gw[~mask].any()
-        assert torch.equal(gw, E.sparse_masked_conv2d_grad_weight(*op_args))
+    # the backward, at every geometry on CUDA
+    gy = torch.randn(y.shape, device="cuda", dtype=torch.float64).to(dtype)
+    _, want_gx, want_gw = reference(x, w, b, mask, args, gy)
+    op_args = (gy, x, w, packed.row_ptr, packed.col_idx, *grad_args(args))
+    gx = E.sparse_masked_conv2d_grad_input(*op_args)
+    gw = E.sparse_masked_conv2d_grad_weight(*op_args)
+    assert_close_rel(gx, want_gx, dtype)
+    assert_close_rel(gw, want_gw, dtype)
+    assert not gw[~mask].any()
+    assert torch.equal(gw, E.sparse_masked_conv2d_grad_weight(*op_args))
     if isinstance(geometry, int) and dtype == torch.float32:  # the kernels agree with their CPU emulation
         cpu = [t.cpu() for t in (x, w, packed.row_ptr, packed.col_idx, b)]
         emulated = E._sparse_conv2d_tiles_emulated(*cpu, *args.values(), STAGE)
         torch.testing.assert_close(y.cpu(), emulated, rtol=1e-5, atol=1e-5)
-
 
 
 @pytest.mark.cuda

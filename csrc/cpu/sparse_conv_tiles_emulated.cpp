@@ -1,8 +1,8 @@
 // The CUDA sparse convolution kernels' tiled scheme (pyprune/sparse_conv_tiles.h)
 // emulated on the CPU, block by block, warp by warp and lane by lane, with the
 // same index functions, so that the CPU tests check the decomposition the GPU
-// runs: tiles, chunks of staged sources, the 32-entry walks, the transposed
-// entries of grad_input, grad_weight's splits. Tests only (ops
+// runs: tiles, chunks of staged sources, the 32-entry walks, grad_input's
+// phases and transposed entries, grad_weight's splits. Tests only (ops
 // pyprune::_sparse_conv2d_*_tiles_emulated); slow by design.
 #include <pyprune/masked.h>
 #include <pyprune/packed_mask.h>
@@ -25,8 +25,8 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 
 // One block of direct_conv_kernel (csrc/cuda/sparse_masked_conv2d.cu).
 template <typename scalar_t, bool kByEntry>
-void emulate_block(scalar_t* dst, const scalar_t* src, const scalar_t* values, const int64_t* ptr,
-                   const int64_t* keys, int64_t nnz, const scalar_t* bias, const sct::DirectConvShape& s,
+void emulate_block(scalar_t* dst, const scalar_t* src, const scalar_t* values, const int64_t* begins,
+                   const int64_t* ends, const int64_t* keys, int64_t nnz, const scalar_t* bias, const sct::DirectConvShape& s,
                    const sct::DirectConvPlan& p, int64_t bx, int64_t by, int64_t n, std::vector<acc_type_t<scalar_t>>& stage) {
   using acc_t = acc_type_t<scalar_t>;
   int64_t oy0, ox0, group, first_line;
@@ -44,7 +44,7 @@ void emulate_block(scalar_t* dst, const scalar_t* src, const scalar_t* values, c
       const int64_t l = first_line + warp * sct::kLinesPerWarp + i;
       if (l >= lpg) continue;
       const int64_t line = group * lpg + l;
-      const int64_t begin = ptr[line], end = ptr[line + 1];
+      const int64_t begin = begins[line], end = ends[line];
       TORCH_CHECK(begin >= 0 && begin <= end && end <= nnz, "emulated: bad line bounds");
       std::vector<acc_t> acc(32 * sct::kSlots, acc_t(0));
       int64_t next = begin;
@@ -108,9 +108,9 @@ void emulate_block(scalar_t* dst, const scalar_t* src, const scalar_t* values, c
 }
 
 template <typename scalar_t, bool kByEntry>
-void emulate_direct_conv(at::Tensor& dst, const at::Tensor& src, const at::Tensor& values, const at::Tensor& ptr,
-                         const at::Tensor& keys, const scalar_t* bias, const sct::DirectConvShape& s,
-                         int64_t stage_bytes) {
+void emulate_direct_conv(at::Tensor& dst, const at::Tensor& src, const at::Tensor& values, const at::Tensor& begins,
+                         const at::Tensor& ends, const at::Tensor& keys, const scalar_t* bias,
+                         const sct::DirectConvShape& s, int64_t stage_bytes) {
   using acc_t = acc_type_t<scalar_t>;
   const sct::DirectConvPlan p = sct::plan_direct_conv(s, stage_bytes / static_cast<int64_t>(sizeof(acc_t)));
   TORCH_CHECK(p.chunk >= 1, "emulated: one tile's input window (", p.window(), " values) does not fit in ",
@@ -120,8 +120,9 @@ void emulate_direct_conv(at::Tensor& dst, const at::Tensor& src, const at::Tenso
     for (int64_t by = 0; by < s.groups * p.line_tiles; ++by) {
       for (int64_t bx = 0; bx < p.tiles_h * p.tiles_w; ++bx) {
         emulate_block<scalar_t, kByEntry>(dst.data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
-                                          values.const_data_ptr<scalar_t>(), ptr.const_data_ptr<int64_t>(),
-                                          keys.const_data_ptr<int64_t>(), keys.numel(), bias, s, p, bx, by, n, stage);
+                                          values.const_data_ptr<scalar_t>(), begins.const_data_ptr<int64_t>(),
+                                          ends.const_data_ptr<int64_t>(), keys.const_data_ptr<int64_t>(), keys.numel(),
+                                          bias, s, p, bx, by, n, stage);
       }
     }
   }
@@ -145,27 +146,34 @@ at::Tensor conv2d_emulated(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor y = at::zeros({s.N, s.L, s.OH, s.OW}, x.options());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "_sparse_conv2d_tiles_emulated", [&] {
-    emulate_direct_conv<scalar_t, false>(y, x.contiguous(), weight.contiguous(), row_ptr.contiguous(),
+    const at::Tensor ptr = row_ptr.contiguous();
+    emulate_direct_conv<scalar_t, false>(y, x.contiguous(), weight.contiguous(), ptr, ptr.slice(0, 1),
                                          col_idx.contiguous(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                          s, stage_bytes);
   });
   return y;
 }
 
+// sparse_conv2d_grad_input_cuda: one direct convolution per phase of grad_x.
 at::Tensor conv2d_grad_input_emulated(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups, int64_t stage_bytes) {
+                                      at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride,
+                                      int64_t stage_bytes) {
   check_sparse_conv2d_args("_sparse_conv2d_grad_input_tiles_emulated", x, weight, row_ptr, col_idx, std::nullopt,
-                           {1, 1}, padding, dilation, groups);
-  const sct::DirectConvShape f = forward_shape(x, weight, {1, 1}, padding, dilation, groups);
-  TORCH_CHECK(f.ph <= f.dh * (f.kh - 1) && f.pw <= f.dw * (f.kw - 1), "emulated: padding too large");
-  const sct::DirectConvShape s{f.N, f.L, f.OH, f.OW, f.S, f.IH, f.IW, groups, f.kh, f.kw, 1, 1,
-                               f.dh * (f.kh - 1) - f.ph, f.dw * (f.kw - 1) - f.pw, f.dh, f.dw};
-  const ConvEntries e = transposed_conv_entries(weight.contiguous(), row_ptr.contiguous(), col_idx.contiguous(),
-                                                groups);
+                           stride, padding, dilation, groups);
+  const sct::DirectConvShape f = forward_shape(x, weight, stride, padding, dilation, groups);
   at::Tensor gx = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  const ConvInputPhases phases = grad_input_phases(weight.contiguous(), row_ptr.contiguous(), col_idx.contiguous(),
+                                                   stride, padding, dilation, groups, f.IH, f.IW);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "_sparse_conv2d_grad_input_tiles_emulated", [&] {
-    emulate_direct_conv<scalar_t, true>(gx, grad_y.contiguous(), e.values, e.ptr, e.key, nullptr, s, stage_bytes);
+    for (const ConvInputPhase& ph : phases.phases) {
+      const sct::DirectConvShape s{f.N, f.L, f.OH, f.OW, f.S, ph.rows, ph.cols, groups, ph.kh, ph.kw, 1, 1,
+                                   ph.ph, ph.pw, ph.dh, ph.dw};
+      at::Tensor out = at::zeros({s.N, s.L, s.OH, s.OW}, gx.options());
+      emulate_direct_conv<scalar_t, true>(out, grad_y.contiguous(), phases.values, ph.begin, ph.end, phases.key,
+                                          nullptr, s, stage_bytes);
+      gx.slice(2, ph.a, f.IH, f.sh).slice(3, ph.b, f.IW, f.sw).copy_(out);
+    }
   });
   return gx;
 }
@@ -174,10 +182,10 @@ at::Tensor conv2d_grad_input_emulated(const at::Tensor& grad_y, const at::Tensor
 // tree, the splits added in order.
 at::Tensor conv2d_grad_weight_emulated(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                        const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef padding,
-                                       at::IntArrayRef dilation, int64_t groups, int64_t sms) {
+                                       at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride, int64_t sms) {
   check_sparse_conv2d_args("_sparse_conv2d_grad_weight_tiles_emulated", x, weight, row_ptr, col_idx, std::nullopt,
-                           {1, 1}, padding, dilation, groups);
-  const sct::DirectConvShape s = forward_shape(x, weight, {1, 1}, padding, dilation, groups);
+                           stride, padding, dilation, groups);
+  const sct::DirectConvShape s = forward_shape(x, weight, stride, padding, dilation, groups);
   const int64_t nnz = col_idx.numel();
   at::Tensor gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   if (nnz == 0) return gw;
@@ -198,7 +206,7 @@ at::Tensor conv2d_grad_weight_emulated(const at::Tensor& grad_y, const at::Tenso
         TORCH_CHECK(ptr[o] <= q && q < ptr[o + 1] && key >= 0 && key < s.keys() &&
                         (q == ptr[o] || keys[q - 1] < key),
                     "emulated: entry ", q, " is out of range or out of order");
-        const sct::TapWindow t = sct::tap_window(key, s.kw, s.taps(), s.ph, s.pw, s.dh, s.dw, s.IH, s.IW, s.OH, s.OW);
+        const sct::TapWindow t = sct::tap_window(s, key);
         const int64_t c = (o / s.lines_per_group()) * s.sources_per_group() + t.source;
         acc_t lanes[32] = {};
         for (int64_t n = z * plan.per; n < std::min<int64_t>(s.N, (z + 1) * plan.per); ++n) {
@@ -208,7 +216,7 @@ at::Tensor conv2d_grad_weight_emulated(const at::Tensor& grad_y, const at::Tenso
             for (int lane = 0; lane < 32; ++lane) {
               for (int64_t ox = t.ox_lo + lane; ox < t.ox_hi; ox += 32) {
                 lanes[lane] += static_cast<acc_t>(g[oy * s.OW + ox]) *
-                               static_cast<acc_t>(in[(oy + t.ry) * s.IW + ox + t.rx]);
+                               static_cast<acc_t>(in[(oy * s.sh + t.ry) * s.IW + ox * s.sw + t.rx]);
               }
             }
           }

@@ -407,10 +407,13 @@ void check_sparse_backward_geometry(const char* op, const ConvGeometry& g) {
 // The arguments of both gradient ops, checked; the layer's geometry.
 ConvGeometry checked_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups) {
-  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
+                              at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride) {
+  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, stride, padding, dilation, groups);
   check_cpu_sparse_conv_dtype(op, weight);
   check_packed_ends(op, filters_2d(weight), row_ptr, col_idx, /*rows_first=*/true);
+  TORCH_CHECK(stride[0] == 1 && stride[1] == 1, op,
+              ": needs stride 1 and padding <= dilation * (kernel - 1) on the CPU (the autograd formula uses the "
+              "dense backward otherwise)");
   const ConvGeometry g(x, weight, {1, 1}, padding, dilation, groups);
   check_sparse_backward_geometry(op, g);
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}) && grad_y.scalar_type() == x.scalar_type(),
@@ -423,9 +426,11 @@ ConvGeometry checked_backward(const char* op, const at::Tensor& grad_y, const at
 // input channels, each with the kept weights that read it, taps mirrored.
 at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        at::IntArrayRef stride) {
   const char* op = "sparse_masked_conv2d_grad_input";
-  const ConvGeometry g = checked_backward(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
+  const ConvGeometry g =
+      checked_backward(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups, stride);
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (gx.numel() == 0) return gx;
   const at::Tensor gy = grad_y.contiguous(), w = weight.contiguous();
@@ -456,7 +461,8 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_y, const at::Tens
     direct_conv(gx.data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), conv, e, static_cast<const scalar_t*>(nullptr));
   });
   check_packed_lines_ok(op, ok, row_ptr, col_idx, g.K, /*rows_first=*/true);
-  nonfinite_like_dense_conv2d_grad_input(gx, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
+  nonfinite_like_dense_conv2d_grad_input(gx, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups,
+                                         {1, 1});
   return gx;
 }
 
@@ -475,9 +481,11 @@ struct TapGroup {
 // over the images in order whatever the blocks and groups.
 at::Tensor sparse_conv2d_grad_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                         at::IntArrayRef stride) {
   const char* op = "sparse_masked_conv2d_grad_weight";
-  const ConvGeometry g = checked_backward(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
+  const ConvGeometry g =
+      checked_backward(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups, stride);
   at::Tensor gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   const at::Tensor gy = grad_y.contiguous(), xc = x.contiguous();
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
@@ -533,7 +541,8 @@ at::Tensor sparse_conv2d_grad_weight_cpu(const at::Tensor& grad_y, const at::Ten
       }
     });
   });
-  nonfinite_like_dense_conv2d_grad_weight(gw, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
+  nonfinite_like_dense_conv2d_grad_weight(gw, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups,
+                                          {1, 1});
   return gw;
 }
 

@@ -1,8 +1,8 @@
 // CUDA kernels of sparse_masked_conv2d: the tiled direct convolution of
-// pyprune/sparse_conv_tiles.h (forward at any stride, padding, dilation and
-// groups; grad_input for stride 1 as the same kernel over grad_y with the
-// entries transposed) and grad_weight at the kept positions (stride 1), whose
-// index math the CPU emulation (csrc/cpu/sparse_conv_tiles_emulated.cpp) shares.
+// pyprune/sparse_conv_tiles.h (the forward; grad_input as the same kernel over
+// grad_y, once per stride phase of grad_x, with the entries transposed) and
+// grad_weight at the kept positions, at every stride, padding, dilation and
+// groups, whose index math the CPU emulation (csrc/cpu/sparse_conv_tiles_emulated.cpp) shares.
 //
 // Index bounds and order are checked on the device (CUDA_KERNEL_ASSERT), as
 // PyTorch's own CUDA indexing ops do. A geometry whose input window of one
@@ -64,8 +64,9 @@ __device__ void stage_window(acc_t* stage, const scalar_t* __restrict__ src, con
 template <typename scalar_t, bool kByEntry>
 __global__ void __launch_bounds__(sct::kThreads, 2)
     direct_conv_kernel(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
-                       const scalar_t* __restrict__ values, const int64_t* __restrict__ ptr,
-                       const int64_t* __restrict__ keys, int64_t nnz, const scalar_t* __restrict__ bias,
+                       const scalar_t* __restrict__ values, const int64_t* __restrict__ begins,
+                       const int64_t* __restrict__ ends, const int64_t* __restrict__ keys, int64_t nnz,
+                       const scalar_t* __restrict__ bias,
                        sct::DirectConvShape s, sct::DirectConvPlan p) {
   using acc_t = acc_type_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char stage_bytes[];
@@ -90,8 +91,8 @@ __global__ void __launch_bounds__(sct::kThreads, 2)
     line[i] = l < lpg ? group * lpg + l : -1;
     begin[i] = next[i] = end[i] = 0;
     if (line[i] < 0) continue;
-    begin[i] = next[i] = ptr[line[i]];
-    end[i] = ptr[line[i] + 1];
+    begin[i] = next[i] = begins[line[i]];
+    end[i] = ends[line[i]];
     CUDA_KERNEL_ASSERT(begin[i] >= 0 && begin[i] <= end[i] && end[i] <= nnz);
   }
   acc_t acc[sct::kLinesPerWarp][sct::kSlots];
@@ -156,15 +157,20 @@ __global__ void __launch_bounds__(sct::kThreads, 2)
   }
 }
 
-// Runs the direct convolution dst = f(src) (both contiguous); false when one
-// tile's input window does not fit in shared memory (nothing launched).
+template <typename scalar_t>
+sct::DirectConvPlan conv_plan(const sct::DirectConvShape& s) {
+  return sct::plan_direct_conv(s, sct::kStageBytes / static_cast<int64_t>(sizeof(acc_type_t<scalar_t>)));
+}
+
+// Runs the direct convolution dst = f(src) (both contiguous), whose plan must
+// have a chunk (conv_plan(s).chunk >= 1).
 template <typename scalar_t, bool kByEntry>
-bool launch_direct_conv(at::Tensor& dst, const at::Tensor& src, const at::Tensor& values, const at::Tensor& ptr,
-                        const at::Tensor& keys, const scalar_t* bias, const sct::DirectConvShape& s,
-                        const char* op) {
+void launch_direct_conv(at::Tensor& dst, const at::Tensor& src, const at::Tensor& values, const at::Tensor& begins,
+                        const at::Tensor& ends, const at::Tensor& keys, const scalar_t* bias,
+                        const sct::DirectConvShape& s, const char* op) {
   using acc_t = acc_type_t<scalar_t>;
-  const sct::DirectConvPlan p = sct::plan_direct_conv(s, sct::kStageBytes / static_cast<int64_t>(sizeof(acc_t)));
-  if (p.chunk < 1) return false;
+  const sct::DirectConvPlan p = conv_plan<scalar_t>(s);
+  TORCH_INTERNAL_ASSERT(p.chunk >= 1);
   const int64_t line_blocks = s.groups * p.line_tiles;
   TORCH_CHECK(line_blocks <= kMaxGridYZ && p.tiles_h * p.tiles_w < (int64_t(1) << 31), op,
               ": too many channels or output pixels for one launch");
@@ -179,15 +185,14 @@ bool launch_direct_conv(at::Tensor& dst, const at::Tensor& src, const at::Tensor
                     static_cast<unsigned>(part.N));
     direct_conv_kernel<scalar_t, kByEntry><<<grid, sct::kThreads, smem, stream>>>(
         dst.data_ptr<scalar_t>() + n0 * dst_image, src.const_data_ptr<scalar_t>() + n0 * src_image,
-        values.const_data_ptr<scalar_t>(), ptr.const_data_ptr<int64_t>(), keys.const_data_ptr<int64_t>(),
-        keys.numel(), bias, part, p);
+        values.const_data_ptr<scalar_t>(), begins.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(),
+        keys.const_data_ptr<int64_t>(), keys.numel(), bias, part, p);
     PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return true;
 }
 
 // ws[z, q] = the dot product of kept weight q's grad_y plane with its shifted
-// input plane over the images of split z (stride 1): one warp per (q, z).
+// (strided) input plane over the images of split z: one warp per (q, z).
 template <typename scalar_t>
 __global__ void __launch_bounds__(sct::kThreads)
     tap_dots_kernel(acc_type_t<scalar_t>* __restrict__ ws, const scalar_t* __restrict__ gy,
@@ -203,7 +208,7 @@ __global__ void __launch_bounds__(sct::kThreads)
   const int64_t key = keys[q];
   CUDA_KERNEL_ASSERT(ptr[o] <= q && q < ptr[o + 1] && key >= 0 && key < s.keys() &&
                      (q == ptr[o] || keys[q - 1] < key));
-  const sct::TapWindow t = sct::tap_window(key, s.kw, s.taps(), s.ph, s.pw, s.dh, s.dw, s.IH, s.IW, s.OH, s.OW);
+  const sct::TapWindow t = sct::tap_window(s, key);
   const int64_t c = (o / s.lines_per_group()) * s.sources_per_group() + t.source;
   acc_t sum = 0;
   const int64_t n_end = (z + 1) * per < s.N ? (z + 1) * per : s.N;
@@ -212,9 +217,9 @@ __global__ void __launch_bounds__(sct::kThreads)
     const scalar_t* in = x + (n * s.S + c) * s.IH * s.IW;
     for (int64_t oy = t.oy_lo; oy < t.oy_hi; ++oy) {
       const scalar_t* g_row = g + oy * s.OW;
-      const scalar_t* in_row = in + (oy + t.ry) * s.IW + t.rx;  // in the image for ox in [ox_lo, ox_hi)
-      for (int64_t ox = t.ox_lo + lane; ox < t.ox_hi; ox += 32) {
-        sum += static_cast<acc_t>(g_row[ox]) * static_cast<acc_t>(in_row[ox]);
+      const scalar_t* in_row = in + (oy * s.sh + t.ry) * s.IW;
+      for (int64_t ox = t.ox_lo + lane; ox < t.ox_hi; ox += 32) {  // inputs in the image
+        sum += static_cast<acc_t>(g_row[ox]) * static_cast<acc_t>(in_row[ox * s.sw + t.rx]);
       }
     }
   }
@@ -272,27 +277,26 @@ at::Tensor sparse_masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weig
   const at::Tensor xc = x.contiguous(), w = weight.contiguous();
   const at::Tensor ptr = row_ptr.contiguous(), idx = col_idx.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  bool ran = false;
+  bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_masked_conv2d_cuda", [&] {
-    ran = launch_direct_conv<scalar_t, false>(y, xc, w, ptr, idx,
-                                              b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, s, op);
+    fits = conv_plan<scalar_t>(s).chunk >= 1;
+    if (!fits) return;
+    launch_direct_conv<scalar_t, false>(y, xc, w, ptr, ptr.slice(0, 1), idx,
+                                        b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, s, op);
   });
-  if (!ran) return dense_masked_conv2d(x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
+  if (!fits) return dense_masked_conv2d(x, weight, row_ptr, col_idx, bias, stride, padding, dilation, groups);
   nonfinite_like_dense_conv2d(y, x, weight, row_ptr, col_idx, stride, padding, dilation, groups);
   return y;
 }
 
-// The gradient ops' shared checks (stride 1, the sparse backward's padding).
+// The gradient ops' shared checks; the forward's shape.
 sct::DirectConvShape checked_backward_cuda(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                                            const at::Tensor& weight, const at::Tensor& row_ptr,
                                            const at::Tensor& col_idx, at::IntArrayRef padding,
-                                           at::IntArrayRef dilation, int64_t groups) {
-  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, {1, 1}, padding, dilation, groups);
+                                           at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride) {
+  check_sparse_conv2d_args(op, x, weight, row_ptr, col_idx, std::nullopt, stride, padding, dilation, groups);
   check_cuda_packed(op, weight, row_ptr, col_idx);
-  const sct::DirectConvShape s = forward_shape(x, weight, {1, 1}, padding, dilation, groups);
-  TORCH_CHECK(s.ph <= s.dh * (s.kh - 1) && s.pw <= s.dw * (s.kw - 1), op,
-              ": needs stride 1 and padding <= dilation * (kernel - 1) (the autograd formula uses the dense "
-              "backward otherwise)");
+  const sct::DirectConvShape s = forward_shape(x, weight, stride, padding, dilation, groups);
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.N, s.L, s.OH, s.OW}) && grad_y.scalar_type() == x.scalar_type() &&
                   grad_y.device() == x.device(),
               op, ": grad_y must be [", s.N, ", ", s.L, ", ", s.OH, ", ", s.OW, "] of x's dtype and device, got ",
@@ -300,41 +304,53 @@ sct::DirectConvShape checked_backward_cuda(const char* op, const at::Tensor& gra
   return s;
 }
 
+// The direct convolution of one grad_input phase: sources = grad_y's channels,
+// lines = the input channels, output = the phase of grad_x.
+sct::DirectConvShape phase_shape(const sct::DirectConvShape& f, const ConvInputPhase& ph) {
+  return {f.N, f.L, f.OH, f.OW, f.S, ph.rows, ph.cols, f.groups, ph.kh, ph.kw, 1, 1, ph.ph, ph.pw, ph.dh, ph.dw};
+}
+
 at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                         at::IntArrayRef stride) {
   const char* op = "sparse_masked_conv2d_grad_input";
   const sct::DirectConvShape f = checked_backward_cuda(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation,
-                                                       groups);
+                                                       groups, stride);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (gx.numel() == 0) return gx;
-  // grad_x = a stride-1 direct convolution of grad_y padded by dilation *
-  // (kernel - 1) - padding, lines = input channels, taps mirrored
-  const sct::DirectConvShape s{f.N, f.L, f.OH, f.OW, f.S, f.IH, f.IW, groups, f.kh, f.kw, 1, 1,
-                               f.dh * (f.kh - 1) - f.ph, f.dw * (f.kw - 1) - f.pw, f.dh, f.dw};
-  const ConvEntries e = transposed_conv_entries(weight.contiguous(), row_ptr.contiguous(), col_idx.contiguous(),
-                                                groups);
+  at::Tensor gx = at::zeros_like(x, at::MemoryFormat::Contiguous);  // phases no tap reaches stay 0
+  if (gx.numel() == 0 || grad_y.numel() == 0) return gx;
+  const ConvInputPhases phases = grad_input_phases(weight.contiguous(), row_ptr.contiguous(), col_idx.contiguous(),
+                                                   stride, padding, dilation, groups, f.IH, f.IW);
   const at::Tensor gy = grad_y.contiguous();
-  bool ran = false;
+  const bool one_phase = f.sh == 1 && f.sw == 1;
+  bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_grad_input_cuda", [&] {
-    ran = launch_direct_conv<scalar_t, true>(gx, gy, e.values, e.ptr, e.key, nullptr, s, op);
+    for (const ConvInputPhase& ph : phases.phases) fits = fits && conv_plan<scalar_t>(phase_shape(f, ph)).chunk >= 1;
+    if (!fits) return;
+    for (const ConvInputPhase& ph : phases.phases) {
+      const sct::DirectConvShape s = phase_shape(f, ph);
+      at::Tensor out = one_phase ? gx : at::empty({s.N, s.L, s.OH, s.OW}, gx.options());
+      launch_direct_conv<scalar_t, true>(out, gy, phases.values, ph.begin, ph.end, phases.key, nullptr, s, op);
+      if (!one_phase) gx.slice(2, ph.a, f.IH, f.sh).slice(3, ph.b, f.IW, f.sw).copy_(out);
+    }
   });
-  if (!ran) {
+  if (!fits) {
     const at::Tensor masked = call_apply_mask(weight, mask_from_pack(row_ptr, col_idx, weight));
-    return std::get<0>(at::convolution_backward(grad_y, x, masked, std::nullopt, {1, 1}, padding, dilation,
+    return std::get<0>(at::convolution_backward(grad_y, x, masked, std::nullopt, stride, padding, dilation,
                                                 /*transposed=*/false, {0, 0}, groups, {true, false, false}));
   }
-  nonfinite_like_dense_conv2d_grad_input(gx, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
+  nonfinite_like_dense_conv2d_grad_input(gx, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups, stride);
   return gx;
 }
 
 at::Tensor sparse_conv2d_grad_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                          at::IntArrayRef stride) {
   const char* op = "sparse_masked_conv2d_grad_weight";
   const sct::DirectConvShape s = checked_backward_cuda(op, grad_y, x, weight, row_ptr, col_idx, padding, dilation,
-                                                       groups);
+                                                       groups, stride);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   const int64_t nnz = col_idx.numel();
@@ -360,7 +376,7 @@ at::Tensor sparse_conv2d_grad_weight_cuda(const at::Tensor& grad_y, const at::Te
         idx.const_data_ptr<int64_t>(), nnz, s.L, s.keys(), plan.splits);
     PYPRUNE_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  nonfinite_like_dense_conv2d_grad_weight(gw, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups);
+  nonfinite_like_dense_conv2d_grad_weight(gw, grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups, stride);
   return gw;
 }
 

@@ -243,13 +243,15 @@ def _sparse_conv2d_grad_fake(op, grad_y, x, weight, row_ptr, col_idx):
 
 
 @torch.library.register_fake("pyprune::sparse_masked_conv2d_grad_input")
-def _sparse_conv2d_grad_input_fake(grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups):
+def _sparse_conv2d_grad_input_fake(grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups,
+                                   stride=(1, 1)):
     _sparse_conv2d_grad_fake("sparse_masked_conv2d_grad_input", grad_y, x, weight, row_ptr, col_idx)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pyprune::sparse_masked_conv2d_grad_weight")
-def _sparse_conv2d_grad_weight_fake(grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups):
+def _sparse_conv2d_grad_weight_fake(grad_y, x, weight, row_ptr, col_idx, padding, dilation, groups,
+                                   stride=(1, 1)):
     _sparse_conv2d_grad_fake("sparse_masked_conv2d_grad_weight", grad_y, x, weight, row_ptr, col_idx)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 

@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
+#include <vector>
 
 #include <pyprune/packed_mask.h>
 
@@ -62,17 +63,29 @@ void check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Ten
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-// A convolution's kept weights by input channel, for grad_input as a direct
-// convolution (see pyprune/sparse_conv_tiles.h): line c (input channel) holds
-// the kept weights (o, c, ty, tx) of the output channels o of its group, key =
-// o_in_group * kh*kw + the mirrored tap (kh-1-ty) * kw + (kw-1-tx), keys sorted
-// within a line; values gathered from weight in that order. Torch ops on the
-// weight's device, no host sync (csrc/sparse_masked_conv2d.cpp).
-struct ConvEntries {
-  at::Tensor ptr, key, values;  // [C + 1], [nnz], [nnz]
+// grad_input of a convolution with stride (sh, sw) as up to sh * sw stride-1
+// direct convolutions of grad_y (see pyprune/sparse_conv_tiles.h), one per
+// phase (a, b) of grad_x (rows a::sh, columns b::sw): the kernel taps that reach
+// a phase form a smaller kernel over grad_y, mirrored, with its own dilation and
+// padding (negative where the phase starts inside grad_y). Line c (input
+// channel) of a phase holds the kept weights (o, c, ty, tx) of the output
+// channels o of its group whose taps reach the phase, key = o_in_group *
+// kh*kw + ky * kw + kx in the phase's kernel; keys sorted within a line. Torch
+// ops on the weight's device, no host sync (csrc/sparse_masked_conv2d.cpp).
+struct ConvInputPhase {
+  int64_t a, b;              // grad_x rows a::sh and columns b::sw
+  int64_t rows, cols;        // the phase's size
+  int64_t kh, kw, dh, dw;    // its kernel over grad_y (stride 1)
+  int64_t ph, pw;            // and padding (may be negative)
+  at::Tensor begin, end;     // [C]: line c's entries are [begin[c], end[c]) of key / values
 };
-ConvEntries transposed_conv_entries(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                    int64_t groups);
+struct ConvInputPhases {
+  std::vector<ConvInputPhase> phases;  // the phases some tap reaches (the others' grad_x is 0)
+  at::Tensor key, values;              // [nnz]
+};
+ConvInputPhases grad_input_phases(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, int64_t H, int64_t W);
 
 // masked_linear (csrc/masked_linear.cpp): argument checks of the op and of its
 // two gradient ops, and the generic kernels that mask the whole weight at once.

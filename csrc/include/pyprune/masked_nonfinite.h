@@ -22,16 +22,16 @@ void nonfinite_like_dense_conv2d(at::Tensor& y, const at::Tensor& x, const at::T
                                  const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-// grad_x of that convolution for stride 1 (the sparse backward's geometry).
+// grad_x of that convolution.
 void nonfinite_like_dense_conv2d_grad_input(at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x,
                                             const at::Tensor& weight, const at::Tensor& row_ptr,
                                             const at::Tensor& col_idx, at::IntArrayRef padding,
-                                            at::IntArrayRef dilation, int64_t groups);
+                                            at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride);
 
-// grad_w at the kept positions of that convolution (stride 1).
+// grad_w at the kept positions of that convolution.
 void nonfinite_like_dense_conv2d_grad_weight(at::Tensor& grad_w, const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& weight, const at::Tensor& row_ptr,
                                              const at::Tensor& col_idx, at::IntArrayRef padding,
-                                             at::IntArrayRef dilation, int64_t groups);
+                                             at::IntArrayRef dilation, int64_t groups, at::IntArrayRef stride);
 
 }  // namespace pyprune

@@ -10,9 +10,11 @@
 // kh*kw + ty*kw + tx, sorted within its line. It covers
 //   forward:    dst = y,  src = x,  lines = output channels, the CSR half of the mask
 //               (the key is the column of weight.view(out, -1); value = that weight);
-//   grad_input: dst = gx, src = gy (stride 1), lines = input channels, the entries
-//               transposed (transposed_conv_entries) with the taps mirrored and
-//               the padding dilation * (kernel - 1) - padding.
+//   grad_input: per phase (a, b) of grad_x (rows a::sh, columns b::sw), dst = that
+//               phase, src = gy, stride 1, lines = input channels, the entries
+//               transposed (grad_input_phases in pyprune/masked.h): the taps
+//               that reach the phase, mirrored, with the phase's dilation and
+//               padding (stride 1: one phase, padding dilation*(kernel-1) - padding).
 // One block of kThreads owns kTileLines lines of one group, one tile of output
 // pixels (`rows` x `cols`) and one image. It walks the group's sources in chunks
 // of `chunk` channels: the chunk's input window (every value the tile's pixels
@@ -21,10 +23,12 @@
 // of the chunk into register accumulators (kSlots pixels per lane and line).
 // The input is read once per block for 16 lines, not once per kept weight; at
 // any density the work is the kept weights' multiply-adds, no im2col buffer.
+// A line's entries are [begin[l], end[l]) of the key array (the CSR half: begin
+// = row_ptr, end = row_ptr + 1).
 //
-// grad_weight (stride 1): one warp per kept weight and image range (split): the
-// dot product of grad_y's plane with the shifted input plane over the valid
-// pixels, lanes along the row, reduced by a fixed shuffle tree; the splits'
+// grad_weight: one warp per kept weight and image range (split): the dot
+// product of grad_y's plane with the shifted (strided) input plane over the
+// valid pixels, lanes along the row, reduced by a fixed shuffle tree; the splits'
 // sums go to a workspace [splits, nnz] that a last pass adds up in split order
 // (deterministic) and scatters into the dense gradient.
 #pragma once
@@ -158,25 +162,32 @@ inline WeightSplits plan_weight_splits(int64_t nnz, int64_t N, int64_t sms) {
   return {(std::max<int64_t>(N, 1) + per - 1) / per, per};
 }
 
-// The pixels of grad_weight's dot product for a kept weight of key `key` at
-// stride 1: output rows [oy_lo, oy_hi) and columns [ox_lo, ox_hi) whose input
-// (oy + ry, ox + rx) is inside the image; `source` its channel in the group.
+// The outputs [lo, hi) of one axis whose input o * stride + r is in [0, size).
+C10_HOST_DEVICE inline void axis_window(int64_t r, int64_t stride, int64_t size, int64_t out, int64_t& lo,
+                                        int64_t& hi) {
+  lo = r < 0 ? (-r + stride - 1) / stride : 0;
+  hi = r < size ? (size - 1 - r) / stride + 1 : 0;
+  if (hi > out) hi = out;
+  if (hi < lo) hi = lo;
+}
+
+// The pixels of grad_weight's dot product for a kept weight of key `key` (s
+// describes the forward): output rows [oy_lo, oy_hi) and columns [ox_lo,
+// ox_hi) whose input (oy * sh + ry, ox * sw + rx) is inside the image;
+// `source` its input channel in the group.
 struct TapWindow {
   int64_t source, ry, rx, oy_lo, oy_hi, ox_lo, ox_hi;
 };
 
-C10_HOST_DEVICE inline TapWindow tap_window(int64_t key, int64_t kw, int64_t taps, int64_t ph, int64_t pw,
-                                            int64_t dh, int64_t dw, int64_t IH, int64_t IW, int64_t OH,
-                                            int64_t OW) {
+C10_HOST_DEVICE inline TapWindow tap_window(const DirectConvShape& s, int64_t key) {
   TapWindow t{};
+  const int64_t taps = s.taps();
   t.source = key / taps;
   const int64_t tap = key - t.source * taps;
-  t.ry = (tap / kw) * dh - ph;
-  t.rx = (tap % kw) * dw - pw;
-  t.oy_lo = t.ry < 0 ? -t.ry : 0;
-  t.oy_hi = IH - t.ry < OH ? IH - t.ry : OH;
-  t.ox_lo = t.rx < 0 ? -t.rx : 0;
-  t.ox_hi = IW - t.rx < OW ? IW - t.rx : OW;
+  t.ry = (tap / s.kw) * s.dh - s.ph;
+  t.rx = (tap % s.kw) * s.dw - s.pw;
+  axis_window(t.ry, s.sh, s.IH, s.OH, t.oy_lo, t.oy_hi);
+  axis_window(t.rx, s.sw, s.IW, s.OW, t.ox_lo, t.ox_hi);
   return t;
 }
 
